@@ -1,0 +1,1 @@
+"""Resumable training state and user-facing exports, written atomically."""

@@ -1,0 +1,1 @@
+"""Command-line interface: parsing only; each command calls into the package."""

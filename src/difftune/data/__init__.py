@@ -1,0 +1,1 @@
+"""Image folders → records → deterministic train/validation split → batches."""

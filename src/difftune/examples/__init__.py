@@ -1,0 +1,1 @@
+"""Example configs shipped with difftune (the demo's embedded default among them)."""

@@ -1,0 +1,49 @@
+"""The interface between the trainer and what it trains.
+
+A network decides which parameters train (and in which LR group), how the trainable weights are
+saved for resume, and how they are exported for users (a diffusers folder for a full fine-tune, a
+LoRA file for the LoRA family). The loop only calls these methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from difftune.config.schema import Config
+from difftune.models.base import DiffusionModel
+
+
+class TrainableNetwork(Protocol):
+    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, each with `params`, `lr` and `name` ("unet" / "text_encoder")."""
+        ...
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        """Modules that hold trainable parameters (put in train mode, checkpointed, prepared)."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor, for bit-exact resume."""
+        ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def export(self, directory: Path, model: DiffusionModel, metadata: dict[str, str], dtype: torch.dtype) -> None:
+        """Write the user-facing result into `directory` (which exists and is empty)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for doctor: type, trainable parameter count, export size estimate."""
+        ...
+
+
+def build_network(model: DiffusionModel, config: Config) -> TrainableNetwork:
+    """Full fine-tune when `network.type` is absent; LoRA family otherwise."""
+    if config.network.type in (None, "none"):
+        from difftune.network.full import FullFineTune
+
+        return FullFineTune(model, train_unet=config.train.train_unet, train_text_encoder=config.train.train_text_encoder)
+    raise ValueError(f"network.type = {config.network.type!r}: LoRA-family networks are not available yet")

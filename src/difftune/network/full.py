@@ -1,0 +1,50 @@
+"""Full fine-tune: the UNet and/or text encoder train directly; exports are diffusers folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune.models.base import DiffusionModel
+
+
+class FullFineTune:
+    def __init__(self, model: DiffusionModel, train_unet: bool, train_text_encoder: bool):
+        self.model = model
+        self.parts: dict[str, torch.nn.Module] = {}
+        if train_unet:
+            self.parts["unet"] = model.unet
+        if train_text_encoder:
+            for i, encoder in enumerate(model.text_encoders):
+                self.parts["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder
+        for module in [model.unet, model.vae, *model.text_encoders]:
+            module.requires_grad_(False)
+        for module in self.parts.values():
+            module.requires_grad_(True)
+
+    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict[str, Any]]:
+        groups = []
+        for name, module in self.parts.items():
+            lr = unet_lr if name == "unet" else text_encoder_lr
+            groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": lr, "name": name})
+        return groups
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        return list(self.parts.values())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v for name, module in self.parts.items() for k, v in module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, module in self.parts.items():
+            prefix = name + "."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+
+    def export(self, directory: Path, model: DiffusionModel, metadata: dict[str, str], dtype: torch.dtype) -> None:
+        model.save_pretrained(directory, dtype=dtype)
+
+    def describe(self) -> dict[str, Any]:
+        trainable = sum(p.numel() for m in self.parts.values() for p in m.parameters() if p.requires_grad)
+        return {"type": "full", "trains": list(self.parts), "trainable_parameters": trainable}

@@ -1,0 +1,1 @@
+"""Name → factory registries for optimizers and learning-rate schedules."""

@@ -1,0 +1,1 @@
+"""metrics.jsonl, TensorBoard, progress, PNG plots, sample grids and summary.json."""

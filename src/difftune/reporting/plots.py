@@ -1,0 +1,76 @@
+"""PNG plots of a run: losses (train, stabilized train, validation) and learning rate against step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def ema(values: list[float], alpha: float = 0.1) -> list[float]:
+    out, current = [], None
+    for v in values:
+        current = v if current is None else (1 - alpha) * current + alpha * v
+        out.append(current)
+    return out
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
+    """Write loss.png and lr.png; returns the written paths."""
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps, loss = series(records, "loss")
+    if steps:
+        ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss")
+        ax.plot(steps, ema(loss), color="tab:blue", label="train loss (EMA)")
+    for key, color, label in (
+        ("stable_train_loss", "tab:green", "stabilized train loss"),
+        ("val_loss", "tab:red", "validation loss"),
+    ):
+        s, v = series(records, key)
+        if s:
+            ax.plot(s, v, "o-", color=color, markersize=3, label=label)
+    _, val = series(records, "val_loss")
+    if val:
+        best = int(np.argmin(val))
+        s, _ = series(records, "val_loss")
+        ax.axvline(s[best], color="tab:red", linestyle=":", linewidth=1, label=f"best val @ {s[best]}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    written.append(plots_dir / "loss.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    lr_keys = sorted({k for r in records for k in r if k == "lr" or k.startswith("lr/")})
+    for key in lr_keys:
+        s, v = series(records, key)
+        ax.plot(s, v, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning rate")
+    ax.grid(alpha=0.3)
+    if lr_keys:
+        ax.legend()
+    fig.tight_layout()
+    written.append(plots_dir / "lr.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written

@@ -1,0 +1,68 @@
+"""Sample grids: every prompt rendered with a fixed seed, so grids from different steps compare."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from difftune.config.schema import SampleConfig
+from difftune.models.base import DiffusionModel
+
+CELL_MIN = 128
+
+
+@torch.no_grad()
+def render_samples(model: DiffusionModel, sample: SampleConfig, resolution: int) -> list[Image.Image]:
+    pipe = model.pipeline(sample.sampler)
+    modules = [model.unet, *model.text_encoders]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        images = []
+        for i, prompt in enumerate(sample.prompts):
+            generator = torch.Generator("cpu").manual_seed(sample.seed + i)
+            result = pipe(
+                prompt,
+                negative_prompt=sample.negative_prompt or None,
+                num_inference_steps=sample.steps,
+                guidance_scale=sample.cfg_scale,
+                height=sample.height or resolution,
+                width=sample.width or resolution,
+                generator=generator,
+                clip_skip=getattr(model, "clip_skip", 1) - 1 or None,
+            )
+            images.append(result.images[0])
+        return images
+    finally:
+        for m, training in zip(modules, was_training, strict=True):
+            m.train(training)
+
+
+def make_grid(images: list[Image.Image], prompts: list[str], title: str, columns: int = 4) -> Image.Image:
+    """Images upscaled to at least 128 px (nearest, so pixels stay visible) with their prompts below."""
+    scale = max(1, -(-CELL_MIN // max(1, images[0].width)))
+    cell_w, cell_h = images[0].width * scale, images[0].height * scale
+    label_h = 40
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + label_h) + 20), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 4), title, fill="black")
+    for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+        x, y = (i % columns) * cell_w, 20 + (i // columns) * (cell_h + label_h)
+        grid.paste(image.resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y))
+        label = "\n".join(textwrap.wrap(prompt, width=max(10, cell_w // 7))[:3])
+        draw.text((x + 2, y + cell_h + 2), label, fill="black")
+    return grid
+
+
+def write_sample_grid(model: DiffusionModel, sample: SampleConfig, resolution: int, path: Path, title: str) -> Path:
+    images = render_samples(model, sample, resolution)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, sample.prompts, title).save(path)
+    return path

@@ -1,0 +1,1 @@
+"""One train step, the training loop, and deterministic validation."""

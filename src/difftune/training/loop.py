@@ -1,0 +1,334 @@
+"""The training loop.
+
+`Trainer.run` is the one loop: draw micro-batches, accumulate, step, then the periodic events
+(validate, sample, save, log), each one guarded `if` block. Setup, resume and saving live in small
+methods around it. Accelerate owns devices and mixed precision; the loop reads like plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from difftune import __version__
+from difftune.checkpoint.state import (
+    TrainerState,
+    checkpoint_name,
+    latest_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from difftune.config.loading import ConfigError, config_to_dict
+from difftune.config.schema import Config
+from difftune.data.dataset import TrainBatches
+from difftune.models import load_model
+from difftune.network import build_network
+from difftune.optim.registry import build_optimizer, build_scheduler
+from difftune.reporting.metrics import MetricsLog, read_metrics, truncate_metrics
+from difftune.reporting.plots import plot_run
+from difftune.reporting.progress import Progress
+from difftune.reporting.samples import write_sample_grid
+from difftune.training.plan import Plan, make_plan
+from difftune.training.run_dir import RunDir, open_run_dir
+from difftune.training.step import draw_noise_and_timesteps, per_sample_loss, step_generator
+from difftune.training.validation import FixedProbe
+
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message says at which step and LR."""
+
+
+def train(config: Config, resume: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Train as configured (or continue the run in `resume`); returns the summary."""
+    if resume is not None:
+        config = config.model_copy(deep=True)
+        config.output.dir = str(resume)
+    trainer = Trainer(config, resuming=resume is not None, show_progress=show_progress)
+    return trainer.run()
+
+
+class Trainer:
+    def __init__(self, config: Config, resuming: bool = False, show_progress: bool = True):
+        self.config = config
+        self.show_progress = show_progress
+        self.plan: Plan = make_plan(config)  # data errors surface before any model loads
+        self.accelerator = _make_accelerator(config)
+        self.run_dir: RunDir = open_run_dir(config, resuming)
+        self.model = load_model(config.model)
+        self.network = build_network(self.model, config)
+        self._place_modules()
+        train = config.train
+        groups = self.network.param_groups(train.lr, train.text_encoder_lr if train.text_encoder_lr is not None else train.lr)
+        self.optimizer = build_optimizer(config, groups)
+        self.scheduler = build_scheduler(config, self.optimizer, self.plan.total_steps)
+        # Multi-GPU slots in here: prepare() wraps modules for DDP and the optimizer for AMP scaling.
+        prepared = self.accelerator.prepare(*self.network.trained_modules(), self.optimizer)
+        self.prepared_optimizer = prepared[-1]
+        self.batches = TrainBatches(self.plan.train_records, config.data, train.batch_size, train.seed)
+        self.val_probe = self._probe(self.plan.val_records)
+        self.stable_probe = self._probe(self.plan.stable_train_records)
+        self.state = TrainerState()
+        if resuming:
+            self._resume()
+
+    # ----------------------------------------------------------------------------------------- loop
+    def run(self) -> dict[str, Any]:
+        cfg, plan, state = self.config, self.plan, self.state
+        total = plan.total_steps
+        metrics = MetricsLog(self.run_dir.root, tensorboard=cfg.output.tensorboard)
+        progress = Progress(total, initial=state.step, enabled=self.show_progress)
+        self._announce(progress)
+        started, steps_at_start, last_val = time.perf_counter(), state.step, None
+        if state.step == 0 and self.val_probe is not None:
+            baseline = self._validate()  # the step-0 point every curve starts from
+            last_val = baseline.get("val_loss")
+            metrics.log({"step": 0, "epoch": 0.0, **baseline})
+        while state.step < total:
+            for group in self._accumulation_groups():
+                loss = self._optimizer_step(group)
+                state.step += 1
+                state.batch_in_epoch += len(group)
+                epoch_done = state.batch_in_epoch >= plan.batches_per_epoch
+                finishing = state.step >= total
+                record = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / plan.batches_per_epoch, 4),
+                          "loss": loss, **self._current_lrs()}
+
+                if self.val_probe is not None and _due(cfg.validation, state, epoch_done, finishing):
+                    record.update(self._validate())
+                    last_val = record["val_loss"]
+                if cfg.sample.prompts and _due(cfg.sample, state, epoch_done, finishing):
+                    self._sample(checkpoint_name(state.step))
+                if not finishing and _save_due(cfg, state, epoch_done):
+                    self._save(checkpoint_name(state.step))
+
+                metrics.log(record)
+                progress.update(loss, record["lr"], last_val)
+                if finishing:
+                    break
+            if state.batch_in_epoch >= plan.batches_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        state.elapsed_seconds += time.perf_counter() - started
+        self._save("final")
+        progress.close()
+        metrics.close()
+        return self._finish(state.step - steps_at_start, time.perf_counter() - started)
+
+    # ---------------------------------------------------------------------------------- one step
+    def _accumulation_groups(self):
+        """Micro-batches of the current epoch from the saved position, grouped by grad_accum (the
+        last group of an epoch may be shorter)."""
+        accum, group = self.config.train.grad_accum, []
+        for batch in self.batches.epoch(self.state.epoch, self.state.batch_in_epoch):
+            group.append(batch)
+            if len(group) == accum:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _optimizer_step(self, group: list[dict]) -> float:
+        cfg, model, accelerator = self.config, self.model, self.accelerator
+        total_loss = 0.0
+        for micro, batch in enumerate(group):
+            generator = step_generator(cfg.train.seed, self.state.step, micro)
+            latents = model.encode_images(batch["pixels"].to(accelerator.device), generator)
+            with accelerator.autocast():
+                with torch.set_grad_enabled(cfg.train.train_text_encoder):
+                    conditioning = model.encode_prompts(batch["captions"])
+                noise, timesteps = draw_noise_and_timesteps(latents, generator, model.num_train_timesteps, cfg.train.noise_offset)
+                loss = per_sample_loss(model, latents, conditioning, noise, timesteps, cfg.train.min_snr_gamma).mean()
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {self.state.step + 1} (lr {self._current_lrs()['lr']:.3g}): "
+                    "lower train.lr, enable train.clip_grad_norm, or check mixed precision"
+                )
+            # Micro-batches are averaged, so the gradient does not grow with grad_accum.
+            accelerator.backward(loss / len(group))
+            total_loss += loss.item() / len(group)  # sync point: one host transfer per micro-batch
+        if cfg.train.clip_grad_norm is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            accelerator.clip_grad_norm_(params, cfg.train.clip_grad_norm)
+        self.prepared_optimizer.step()
+        self.scheduler.step()
+        self.prepared_optimizer.zero_grad(set_to_none=True)
+        return total_loss
+
+    def _current_lrs(self) -> dict[str, float]:
+        lrs = {}
+        for i, group in enumerate(self.optimizer.param_groups):
+            name = group.get("name", str(i))
+            lrs["lr" if i == 0 else f"lr/{name}"] = group["lr"]
+        return lrs
+
+    # ------------------------------------------------------------------------------ periodic events
+    def _validate(self) -> dict[str, float]:
+        out = {}
+        with self._eval_weights():
+            if self.val_probe is not None:
+                result = self.val_probe.evaluate(self.model, self.accelerator.autocast)
+                out["val_loss"] = result.loss
+                if self.state.best_val_loss is None or result.loss < self.state.best_val_loss:
+                    self.state.best_val_loss, self.state.best_val_step = result.loss, self.state.step
+            if self.stable_probe is not None:
+                out["stable_train_loss"] = self.stable_probe.evaluate(self.model, self.accelerator.autocast).loss
+        return out
+
+    def _sample(self, name: str) -> None:
+        with self._eval_weights():
+            write_sample_grid(
+                self.model, self.config.sample, self.config.data.resolution,
+                self.run_dir.samples / f"{name}.png", title=f"{name}  seed {self.config.sample.seed}",
+            )
+
+    def _save(self, name: str) -> None:
+        output = self.config.output
+        metadata = self._metadata()
+        with self._eval_weights():
+            save_checkpoint(
+                self.run_dir.checkpoints,
+                name,
+                export=lambda d: self.network.export(d, self.model, metadata, SAVE_DTYPES[output.save_precision]),
+                trainable=self.network.state_dict() if output.save_state else None,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                trainer_state=self.state if output.save_state else None,
+            )
+        if output.save_last_n:
+            prune_checkpoints(self.run_dir.checkpoints, output.save_last_n)
+
+    @contextlib.contextmanager
+    def _eval_weights(self):
+        """Schedule-free optimizers keep training weights apart from the weights to evaluate/save."""
+        switch = hasattr(self.optimizer, "eval") and hasattr(self.optimizer, "train")
+        if switch:
+            self.optimizer.eval()
+        try:
+            yield
+        finally:
+            if switch:
+                self.optimizer.train()
+
+    # -------------------------------------------------------------------------------------- setup
+    def _place_modules(self) -> None:
+        """Trained modules stay fp32 (mixed precision autocasts them); frozen ones are stored in the
+        autocast dtype on GPU to save memory."""
+        device = self.accelerator.device
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.train.mixed_precision, torch.float32)
+        trained = {id(m) for m in self.network.trained_modules()}
+        for module in [self.model.unet, self.model.vae, *self.model.text_encoders]:
+            frozen_dtype = weight_dtype if device.type == "cuda" else torch.float32
+            module.to(device, dtype=torch.float32 if id(module) in trained else frozen_dtype)
+            module.train(id(module) in trained)
+        if self.config.train.gradient_checkpointing:
+            if id(self.model.unet) in trained or self.config.network.type:
+                self.model.unet.enable_gradient_checkpointing()
+            for encoder in self.model.text_encoders:
+                if id(encoder) in trained:
+                    encoder.gradient_checkpointing_enable()
+
+    def _probe(self, records) -> FixedProbe | None:
+        if not records:
+            return None
+        v = self.config.validation
+        return FixedProbe(records, self.config.data.resolution, v.seed, v.draws_per_image,
+                          v.batch_size or self.config.train.batch_size)
+
+    def _resume(self) -> None:
+        checkpoint = latest_checkpoint(self.run_dir.checkpoints)
+        if checkpoint is None:
+            raise ConfigError(
+                f"--resume {self.run_dir.root}: no resumable checkpoint in {self.run_dir.checkpoints} "
+                "(a run saves one with output.save_every_n_steps / save_every_n_epochs and output.save_state = true)"
+            )
+        trainable, self.state = load_training_state(checkpoint, self.optimizer, self.scheduler)
+        self.network.load_state_dict({k: v.to(self.accelerator.device) for k, v in trainable.items()})
+        truncate_metrics(self.run_dir.metrics, self.state.step)
+        if self.state.batch_in_epoch >= self.plan.batches_per_epoch:
+            self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+
+    def _announce(self, progress: Progress) -> None:
+        plan, train = self.plan, self.config.train
+        progress.write(
+            f"difftune {__version__}: {self.model.family} ({self.model.prediction_type}) on {self.accelerator.device}, "
+            f"{self.network.describe()['type']} training, {len(plan.train_records)} train / {len(plan.val_records)} val images, "
+            f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, effective batch {plan.effective_batch_size}, "
+            f"lr {train.lr:g}" + (f" (resuming at step {self.state.step})" if self.state.step else "")
+        )
+        for warning in plan.warnings:
+            progress.write(f"warning: {warning}")
+
+    def _metadata(self) -> dict[str, str]:
+        return {
+            "difftune_version": __version__,
+            "base_model": self.config.model.path,
+            "step": str(self.state.step),
+            "epoch": str(self.state.epoch),
+            "resolution": str(self.config.data.resolution),
+            "train_images": str(len(self.plan.train_records)),
+        }
+
+    # ------------------------------------------------------------------------------------- finish
+    def _finish(self, steps_done: int, seconds: float) -> dict[str, Any]:
+        records = read_metrics(self.run_dir.metrics)
+        plot_run(records, self.run_dir.plots)
+        vals = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        summary = {
+            "steps": self.state.step,
+            "epochs": round(self.state.epoch + self.state.batch_in_epoch / self.plan.batches_per_epoch, 4),
+            "first_val_loss": vals[0][1] if vals else None,
+            "final_val_loss": vals[-1][1] if vals else None,
+            "final_val_step": vals[-1][0] if vals else None,
+            "best_val_loss": min(v for _, v in vals) if vals else None,
+            "best_val_step": min(vals, key=lambda sv: sv[1])[0] if vals else None,
+            "final_train_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
+            "steps_per_second": steps_done / seconds if seconds > 0 else None,
+            "wall_seconds": self.state.elapsed_seconds,
+            "peak_memory_mb": _peak_memory_mb(self.accelerator.device),
+            "device": str(self.accelerator.device),
+            "model": self.model.describe(),
+            "network": self.network.describe(),
+            "config": config_to_dict(self.config),
+        }
+        from difftune.checkpoint.atomic import atomic_write_json
+
+        atomic_write_json(self.run_dir.summary, summary)
+        return summary
+
+
+def _due(section, state: TrainerState, epoch_done: bool, finishing: bool) -> bool:
+    """Validation/sample schedule: every N steps, every N epochs, and always at the end."""
+    if finishing:
+        return True
+    if section.every_n_steps and state.step % section.every_n_steps == 0:
+        return True
+    return bool(epoch_done and section.every_n_epochs and (state.epoch + 1) % section.every_n_epochs == 0)
+
+
+def _save_due(config: Config, state: TrainerState, epoch_done: bool) -> bool:
+    out = config.output
+    if out.save_every_n_steps and state.step % out.save_every_n_steps == 0:
+        return True
+    return bool(epoch_done and out.save_every_n_epochs and (state.epoch + 1) % out.save_every_n_epochs == 0)
+
+
+def _make_accelerator(config: Config) -> Accelerator:
+    precision = config.train.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision = 'fp16' needs a CUDA GPU; on the CPU use 'bf16' or 'no'")
+    return Accelerator(mixed_precision=precision)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+

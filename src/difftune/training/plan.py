@@ -1,0 +1,112 @@
+"""The training plan: dataset, split and step arithmetic, computed once and shared by `train` and
+`doctor`, so what doctor prints is exactly what training will do."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difftune.config.schema import Config
+from difftune.data.records import DatasetError, ImageRecord, scan_image_folder
+from difftune.data.split import split_records
+
+
+@dataclass
+class Plan:
+    train_records: list[ImageRecord]
+    val_records: list[ImageRecord]
+    stable_train_records: list[ImageRecord]
+    samples_per_epoch: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    effective_batch_size: int
+    warnings: list[str] = field(default_factory=list)
+
+    def folder_counts(self) -> dict[str, dict[str, int]]:
+        """Images and repeats per folder, for doctor."""
+        counts: dict[str, dict[str, int]] = {}
+        for split, records in (("train", self.train_records), ("val", self.val_records)):
+            for r in records:
+                entry = counts.setdefault(r.folder, {"repeats": r.repeats, "train": 0, "val": 0})
+                entry[split] += 1
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "train_images": len(self.train_records),
+            "val_images": len(self.val_records),
+            "stable_train_images": len(self.stable_train_records),
+            "folders": self.folder_counts(),
+            "samples_per_epoch": self.samples_per_epoch,
+            "batches_per_epoch": self.batches_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "epochs": self.epochs,
+            "effective_batch_size": self.effective_batch_size,
+            "warnings": self.warnings,
+        }
+
+
+def make_plan(config: Config) -> Plan:
+    """Scan and split the data and derive every step count. Raises DatasetError on bad data."""
+    data, train = config.data, config.train
+    if not data.train_dir:
+        raise DatasetError("data.train_dir is not set: point it at a folder of images with .txt captions")
+    records = scan_image_folder(data.train_dir, data.caption_extension, data.repeats)
+    if data.val_dir:
+        train_records = records
+        val_records = scan_image_folder(data.val_dir, data.caption_extension, 1)
+    else:
+        train_records, val_records = split_records(records, data.train_dir, data.val_split, config.validation.seed)
+    warnings = []
+    if not val_records:
+        warnings.append(
+            "no validation images (data.val_split = 0 and no data.val_dir): validation loss, find-lr and "
+            "find-steps need a held-out set"
+        )
+    samples_per_epoch = sum(r.repeats for r in train_records)
+    batches_per_epoch = max(1, samples_per_epoch // train.batch_size)
+    if samples_per_epoch < train.batch_size:
+        warnings.append(
+            f"fewer samples per epoch ({samples_per_epoch}) than train.batch_size ({train.batch_size}): "
+            "batches wrap around and repeat images"
+        )
+    elif samples_per_epoch % train.batch_size:
+        warnings.append(
+            f"{samples_per_epoch % train.batch_size} sample(s) per epoch do not fill a batch and are left out "
+            "of that epoch (the order changes every epoch, so no image is left out for good)"
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
+    if train.max_steps is not None:
+        total_steps = train.max_steps
+        epochs = math.ceil(total_steps / steps_per_epoch)
+    else:
+        epochs = train.max_epochs
+        total_steps = epochs * steps_per_epoch
+    stable = stable_subset(train_records, config) if config.validation.stabilize_train_loss else []
+    return Plan(
+        train_records=train_records,
+        val_records=val_records,
+        stable_train_records=stable,
+        samples_per_epoch=samples_per_epoch,
+        batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        epochs=epochs,
+        effective_batch_size=train.batch_size * train.grad_accum,
+        warnings=warnings,
+    )
+
+
+def stable_subset(records: list[ImageRecord], config: Config) -> list[ImageRecord]:
+    """A fixed subset of training images chosen by hash of (validation.seed, path)."""
+
+    def score(r: ImageRecord) -> bytes:
+        return hashlib.sha256(f"stable:{config.validation.seed}:{Path(r.path).as_posix()}".encode()).digest()
+
+    return sorted(records, key=score)[: config.validation.stabilize_train_count]

@@ -1,0 +1,117 @@
+"""Deterministic ("stabilized") validation loss.
+
+Every probe item is a (image, caption, noise, timestep) quadruple fixed once from `validation.seed`:
+timesteps are stratified over [0, T) so every noise level is measured, and the same noise is reused
+at every evaluation. The loss is therefore identical for identical weights and independent of the
+training seed and learning rate; differences between evaluations come only from the weights. This is
+EveryDream2's "stabilize" idea, extended with stratified timesteps, and the base of the LR finder.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from difftune.data.records import ImageRecord
+from difftune.data.transforms import load_image
+from difftune.models.base import DiffusionModel
+from difftune.training.step import per_sample_loss
+
+
+@dataclass
+class ProbeResult:
+    loss: float
+    """Mean over items."""
+    item_losses: np.ndarray
+    """Loss per probe item, shape (num_items,)."""
+    timesteps: np.ndarray
+    buckets: np.ndarray
+    """Timestep bucket of each item (0 = least noise), for per-bucket normalisation."""
+
+
+def stratified_timesteps(num_items: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """One timestep per item from evenly spaced quantiles of [0, T), assigned in a seeded order."""
+    order = torch.randperm(num_items, generator=generator)
+    centers = ((order.double() + 0.5) * num_train_timesteps / num_items).floor().long()
+    return centers.clamp_(0, num_train_timesteps - 1)
+
+
+class FixedProbe:
+    """A fixed set of probe items over some images; `evaluate(model)` gives the deterministic loss."""
+
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        resolution: int,
+        seed: int,
+        draws_per_image: int = 1,
+        batch_size: int = 8,
+        num_buckets: int = 5,
+    ):
+        if not records:
+            raise ValueError("a validation probe needs at least one image")
+        self.records = sorted(records, key=lambda r: r.key)
+        self.resolution = resolution
+        self.seed = seed
+        self.draws = draws_per_image
+        self.batch_size = batch_size
+        self.num_buckets = num_buckets
+        self._latents: torch.Tensor | None = None
+        self._noise: torch.Tensor | None = None
+        self._timesteps: torch.Tensor | None = None
+
+    @property
+    def num_items(self) -> int:
+        return len(self.records) * self.draws
+
+    @property
+    def captions(self) -> list[str]:
+        return [r.caption for r in self.records for _ in range(self.draws)]
+
+    def _prepare(self, model: DiffusionModel) -> None:
+        """Encode images once (VAE mean, no augmentation) and draw the fixed noise and timesteps."""
+        if self._latents is not None:
+            return
+        latents = []
+        for start in range(0, len(self.records), self.batch_size):
+            chunk = self.records[start : start + self.batch_size]
+            pixels = torch.stack([load_image(r.path, self.resolution) for r in chunk])
+            latents.append(model.encode_images(pixels).cpu())
+        per_image = torch.cat(latents)
+        self._latents = per_image.repeat_interleave(self.draws, dim=0)
+        generator = torch.Generator().manual_seed(self.seed)
+        self._noise = torch.randn(self._latents.shape, generator=generator)
+        self._timesteps = stratified_timesteps(self.num_items, model.num_train_timesteps, generator)
+
+    @torch.no_grad()
+    def evaluate(self, model: DiffusionModel, autocast=None) -> ProbeResult:
+        """Loss of every probe item under the current weights (modules put in eval mode, then restored)."""
+        self._prepare(model)
+        modules = [model.unet, *model.text_encoders]
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        device = model.device
+        captions = self.captions
+        losses = []
+        try:
+            for start in range(0, self.num_items, self.batch_size):
+                end = min(start + self.batch_size, self.num_items)
+                latents = self._latents[start:end].to(device)
+                with autocast() if autocast else nullcontext():
+                    conditioning = model.encode_prompts(captions[start:end])
+                    loss = per_sample_loss(
+                        model, latents, conditioning, self._noise[start:end].to(device), self._timesteps[start:end].to(device)
+                    )
+                losses.append(loss.double().cpu())
+        finally:
+            for m, training in zip(modules, was_training, strict=True):
+                m.train(training)
+        item_losses = torch.cat(losses).numpy()
+        timesteps = self._timesteps.numpy()
+        buckets = np.minimum(timesteps * self.num_buckets // model.num_train_timesteps, self.num_buckets - 1)
+        return ProbeResult(float(item_losses.mean()), item_losses, timesteps, buckets)
+

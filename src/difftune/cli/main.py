@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -18,6 +19,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU-kernel notice on import
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -96,7 +103,7 @@ def cmd_train(args) -> int:
 
 def cmd_demo(args) -> int:
     from difftune.config.loading import apply_overrides, validate_config
-    from difftune.demo import demo_config_text, export_digits
+    from difftune.demo import demo_config_text, export_digits, prepare_base_model
     from difftune.training.loop import train
     import tomllib
 
@@ -105,7 +112,12 @@ def cmd_demo(args) -> int:
     if not data_dir.is_dir():
         count = export_digits(data_dir)
         print(f"exported {count} handwritten digits to {data_dir}")
+    base = out / "base-model"
+    if not (base / "model_index.json").is_file():
+        print(f"fitting the tiny model's VAE to the digits (once) → {base}")
+    prepare_base_model(base, data_dir)
     data = tomllib.loads(demo_config_text())
+    data["model"]["path"] = str(base)
     data["data"]["train_dir"] = str(out / "data")
     data.setdefault("output", {})["dir"] = str(out / "run")
     data["output"]["overwrite"] = True

@@ -38,11 +38,11 @@ def tiny_vae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=16,
         sample_size=32,
     )
 

@@ -78,7 +78,9 @@ class StableDiffusionModel:
         if self.clip_skip > 1:
             # kohya's clip_skip: take an earlier layer, then the final layer norm as SD expects.
             out = self.text_encoder(ids, output_hidden_states=True)
-            hidden = self.text_encoder.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+            # transformers 5 dropped the `text_model` wrapper; older versions have it.
+            final_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+            hidden = final_norm(out.hidden_states[-self.clip_skip])
         else:
             hidden = self.text_encoder(ids)[0]
         return {"encoder_hidden_states": hidden}

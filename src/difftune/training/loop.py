@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from difftune import __version__
 from difftune.checkpoint.state import (
@@ -107,11 +108,10 @@ class Trainer:
                     last_val = record["val_loss"]
                 if cfg.sample.prompts and _due(cfg.sample, state, epoch_done, finishing):
                     self._sample(checkpoint_name(state.step))
+                metrics.log(record)  # before saving, so a resume from this save has this step's record
+                progress.update(loss, record["lr"], last_val)
                 if not finishing and _save_due(cfg, state, epoch_done):
                     self._save(checkpoint_name(state.step))
-
-                metrics.log(record)
-                progress.update(loss, record["lr"], last_val)
                 if finishing:
                     break
             if state.batch_in_epoch >= plan.batches_per_epoch:
@@ -324,6 +324,10 @@ def _make_accelerator(config: Config) -> Accelerator:
     precision = config.train.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision = 'fp16' needs a CUDA GPU; on the CPU use 'bf16' or 'no'")
+    # AcceleratorState is a process-wide singleton that refuses a second mixed-precision setting; one
+    # process may train several times (tests, find-lr → find-steps → final run). The distributed
+    # PartialState (process group) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=precision)
 
 

@@ -1,0 +1,46 @@
+"""Shared fixtures: small real datasets (scikit-learn's digits) and quick configs for the tiny model."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """48 handwritten digits as 16-px PNGs with captions, in a kohya-style `2_digits` folder (repeats 2)."""
+    from difftune.demo import export_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    export_digits(root / "2_digits", size=16, limit=48)
+    return root
+
+
+def quick_config_dict(train_dir: Path, out_dir: Path, **sections) -> dict:
+    """A config that trains the tiny model for a few steps at 16 px on a CPU in seconds."""
+    config = {
+        "model": {"path": "tiny-sd"},
+        "data": {"train_dir": str(train_dir), "resolution": 16, "val_split": 0.25},
+        "train": {"batch_size": 4, "lr": 1e-3, "max_steps": 6, "seed": 7},
+        "validation": {"every_n_steps": 3, "seed": 11, "batch_size": 16},
+        "output": {"dir": str(out_dir), "tensorboard": False},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+@pytest.fixture
+def quick_config(digits_dir, tmp_path):
+    from difftune.config.loading import validate_config
+
+    def make(**sections):
+        return validate_config(quick_config_dict(digits_dir, tmp_path / "run", **sections), "test")
+
+    return make

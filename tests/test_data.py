@@ -1,0 +1,113 @@
+"""Data: scanning, kohya repeats, errors listing every bad file, deterministic split, augmentation."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difftune.data.records import DatasetError, scan_image_folder
+from difftune.data.split import split_records
+from difftune.data.transforms import load_image, process_caption
+
+
+def make_image(path, size=(20, 12), color=(255, 0, 0), caption="a red box"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption)
+
+
+def test_scan_reads_captions_and_kohya_repeats(tmp_path):
+    make_image(tmp_path / "a.png", caption="  a red   box \n")
+    make_image(tmp_path / "5_style" / "b.jpg", caption="style")
+    make_image(tmp_path / "5_style" / "c.webp", caption="style two")
+    records = scan_image_folder(tmp_path, repeats=2)
+    by_name = {r.path.name: r for r in records}
+    assert set(by_name) == {"a.png", "b.jpg", "c.webp"}
+    assert by_name["a.png"].caption == "a red box" and by_name["a.png"].repeats == 2
+    assert by_name["b.jpg"].repeats == 10 and by_name["b.jpg"].folder == "5_style"
+
+
+def test_every_problem_is_listed_before_training(tmp_path):
+    make_image(tmp_path / "ok.png")
+    make_image(tmp_path / "nocap.png", caption=None)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "corrupt.txt").write_text("x")
+    truncated = tmp_path / "cut.jpg"
+    make_image(truncated, size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(DatasetError) as err:
+        scan_image_folder(tmp_path)
+    message = str(err.value)
+    assert "3 problem(s)" in message
+    assert "nocap.png: missing caption file nocap.txt" in message
+    assert "corrupt.png: unreadable image" in message
+    assert "cut.jpg: unreadable image" in message
+
+
+def test_empty_and_missing_folders(tmp_path):
+    with pytest.raises(DatasetError, match="no images found"):
+        scan_image_folder(tmp_path)
+    with pytest.raises(DatasetError, match="not found"):
+        scan_image_folder(tmp_path / "nope")
+
+
+def test_split_is_deterministic_and_depends_only_on_seed_and_names(tmp_path):
+    for i in range(20):
+        make_image(tmp_path / f"img{i:02d}.png", caption=f"c{i}")
+    records = scan_image_folder(tmp_path)
+    train1, val1 = split_records(records, tmp_path, 0.2, seed=3)
+    train2, val2 = split_records(list(reversed(records)), tmp_path, 0.2, seed=3)
+    _, val3 = split_records(records, tmp_path, 0.2, seed=4)
+    assert len(val1) == 4 and len(train1) == 16
+    assert {r.key for r in val1} == {r.key for r in val2}
+    assert {r.key for r in val1} != {r.key for r in val3}
+    assert not {r.key for r in val1} & {r.key for r in train1}
+
+
+def test_load_image_resizes_and_center_crops(tmp_path):
+    path = tmp_path / "wide.png"
+    array = np.zeros((10, 30, 3), dtype=np.uint8)
+    array[:, 10:20] = 255  # a white band in the middle third
+    Image.fromarray(array).save(path)
+    pixels = load_image(path, 8)
+    assert pixels.shape == (3, 8, 8)
+    assert pixels.min() >= -1 and pixels.max() <= 1
+    assert pixels[:, :, 3:5].mean() > 0.9  # the centre crop is the white band
+    left = load_image(path, 8, crop_position=0.0)
+    assert left[:, :, 0].mean() < -0.9  # cropping at the left edge starts in black
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    path = tmp_path / "t.png"
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(path)
+    assert torch.allclose(load_image(path, 8), torch.ones(3, 8, 8))
+
+
+def test_caption_dropout_and_tag_shuffle_keep_tokens():
+    rng = random.Random(0)
+    assert process_caption("a, b", rng, cond_dropout=1.0, shuffle_tags=False, keep_tokens=0) == ""
+    caption = "sks person, red hat, smiling, outdoors, blue sky, grass"
+    outputs = {process_caption(caption, random.Random(s), cond_dropout=0, shuffle_tags=True, keep_tokens=1) for s in range(20)}
+    assert len(outputs) > 1
+    for out in outputs:
+        tags = out.split(", ")
+        assert tags[0] == "sks person" and sorted(tags) == sorted(caption.split(", "))
+
+
+def test_flip_and_order_are_seeded(digits_dir, quick_config):
+    from difftune.data.dataset import TrainDataset, SampleKey, epoch_order
+    from difftune.training.plan import make_plan
+
+    config = quick_config(data={"flip_p": 1.0})
+    plan = make_plan(config)
+    dataset = TrainDataset(plan.train_records, config.data, seed=7)
+    item = dataset[SampleKey(0, 0, 0)]
+    plain = load_image(plan.train_records[0].path, 16)
+    assert torch.equal(item["pixels"], plain.flip(-1))
+    assert epoch_order(50, 7, 0) == epoch_order(50, 7, 0)
+    assert epoch_order(50, 7, 0) != epoch_order(50, 7, 1)

@@ -6,9 +6,9 @@ import json
 
 import tomli_w
 
+from conftest import quick_config_dict
 from difftune.cli.main import main
 from difftune.reporting.metrics import read_metrics
-from conftest import quick_config_dict
 
 
 def write_config(path, data):

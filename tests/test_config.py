@@ -110,8 +110,9 @@ def test_required_keys_exist():
 def test_every_shipped_example_validates():
     from importlib import resources
 
-    from difftune.config.loading import validate_config
     import tomllib
+
+    from difftune.config.loading import validate_config
 
     files = [f for f in resources.files("difftune.examples").iterdir() if f.name.endswith(".toml")]
     assert files

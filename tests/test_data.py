@@ -100,7 +100,7 @@ def test_caption_dropout_and_tag_shuffle_keep_tokens():
 
 
 def test_flip_and_order_are_seeded(digits_dir, quick_config):
-    from difftune.data.dataset import TrainDataset, SampleKey, epoch_order
+    from difftune.data.dataset import SampleKey, TrainDataset, epoch_order
     from difftune.training.plan import make_plan
 
     config = quick_config(data={"flip_p": 1.0})

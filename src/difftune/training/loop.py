@@ -58,7 +58,8 @@ def train(config: Config, resume: str | Path | None = None, show_progress: bool 
 
 
 class Trainer:
-    def __init__(self, config: Config, resuming: bool = False, show_progress: bool = True):
+    def __init__(self, config: Config, resuming: bool = False, show_progress: bool = True, lr_multiplier=None):
+        """`lr_multiplier(step) -> float` replaces the configured schedule (the LR finder's ramp)."""
         self.config = config
         self.show_progress = show_progress
         self.plan: Plan = make_plan(config)  # data errors surface before any model loads
@@ -70,7 +71,11 @@ class Trainer:
         train = config.train
         groups = self.network.param_groups(train.lr, train.text_encoder_lr if train.text_encoder_lr is not None else train.lr)
         self.optimizer = build_optimizer(config, groups)
-        self.scheduler = build_scheduler(config, self.optimizer, self.plan.total_steps)
+        self.scheduler = (
+            build_scheduler(config, self.optimizer, self.plan.total_steps)
+            if lr_multiplier is None
+            else torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier)
+        )
         # Multi-GPU slots in here: prepare() wraps modules for DDP and the optimizer for AMP scaling.
         prepared = self.accelerator.prepare(*self.network.trained_modules(), self.optimizer)
         self.prepared_optimizer = prepared[-1]
@@ -90,32 +95,29 @@ class Trainer:
         self._announce(progress)
         started, steps_at_start, last_val = time.perf_counter(), state.step, None
         if state.step == 0 and self.val_probe is not None:
-            baseline = self._validate()  # the step-0 point every curve starts from
+            baseline = self.validate()  # the step-0 point every curve starts from
             last_val = baseline.get("val_loss")
             metrics.log({"step": 0, "epoch": 0.0, **baseline})
-        while state.step < total:
-            for group in self._accumulation_groups():
-                loss = self._optimizer_step(group)
-                state.step += 1
-                state.batch_in_epoch += len(group)
-                epoch_done = state.batch_in_epoch >= plan.batches_per_epoch
-                finishing = state.step >= total
-                record = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / plan.batches_per_epoch, 4),
-                          "loss": loss, **self._current_lrs()}
+        for group in self.step_groups() if state.step < total else ():  # a finished run has nothing left
+            loss = self.optimizer_step(group)
+            state.step += 1
+            state.batch_in_epoch += len(group)
+            epoch_done = state.batch_in_epoch >= plan.batches_per_epoch
+            finishing = state.step >= total
+            record = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / plan.batches_per_epoch, 4),
+                      "loss": loss, **self.current_lrs()}
 
-                if self.val_probe is not None and _due(cfg.validation, state, epoch_done, finishing):
-                    record.update(self._validate())
-                    last_val = record["val_loss"]
-                if cfg.sample.prompts and _due(cfg.sample, state, epoch_done, finishing):
-                    self._sample(checkpoint_name(state.step))
-                metrics.log(record)  # before saving, so a resume from this save has this step's record
-                progress.update(loss, record["lr"], last_val)
-                if not finishing and _save_due(cfg, state, epoch_done):
-                    self._save(checkpoint_name(state.step))
-                if finishing:
-                    break
-            if state.batch_in_epoch >= plan.batches_per_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if self.val_probe is not None and _due(cfg.validation, state, epoch_done, finishing):
+                record.update(self.validate())
+                last_val = record["val_loss"]
+            if cfg.sample.prompts and _due(cfg.sample, state, epoch_done, finishing):
+                self._sample(checkpoint_name(state.step))
+            metrics.log(record)  # before saving, so a resume from this save has this step's record
+            progress.update(loss, record["lr"], last_val)
+            if not finishing and _save_due(cfg, state, epoch_done):
+                self._save(checkpoint_name(state.step))
+            if finishing:
+                break
         state.elapsed_seconds += time.perf_counter() - started
         self._save("final")
         progress.close()
@@ -123,19 +125,27 @@ class Trainer:
         return self._finish(state.step - steps_at_start, time.perf_counter() - started)
 
     # ---------------------------------------------------------------------------------- one step
-    def _accumulation_groups(self):
-        """Micro-batches of the current epoch from the saved position, grouped by grad_accum (the
-        last group of an epoch may be shorter)."""
-        accum, group = self.config.train.grad_accum, []
-        for batch in self.batches.epoch(self.state.epoch, self.state.batch_in_epoch):
-            group.append(batch)
-            if len(group) == accum:
-                yield group
-                group = []
-        if group:
-            yield group
+    def step_groups(self):
+        """Endless micro-batch groups (one per optimizer step) from the saved position, crossing epochs.
 
-    def _optimizer_step(self, group: list[dict]) -> float:
+        The caller advances `state.batch_in_epoch` after each step; the epoch moves on lazily here, so a
+        save at the end of an epoch resumes at the start of the next one.
+        """
+        accum = self.config.train.grad_accum
+        while True:
+            if self.state.batch_in_epoch >= self.plan.batches_per_epoch:
+                self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+            group = []
+            for batch in self.batches.epoch(self.state.epoch, self.state.batch_in_epoch):
+                group.append(batch)
+                if len(group) == accum:
+                    yield group
+                    group = []
+            if group:  # the last group of an epoch may be shorter
+                yield group
+
+    def optimizer_step(self, group: list[dict]) -> float:
+        """Forward/backward over the micro-batches of one step, clip, step; returns the mean loss."""
         cfg, model, accelerator = self.config, self.model, self.accelerator
         total_loss = 0.0
         for micro, batch in enumerate(group):
@@ -148,7 +158,7 @@ class Trainer:
                 loss = per_sample_loss(model, latents, conditioning, noise, timesteps, cfg.train.min_snr_gamma).mean()
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {self.state.step + 1} (lr {self._current_lrs()['lr']:.3g}): "
+                    f"loss is {loss.item()} at step {self.state.step + 1} (lr {self.current_lrs()['lr']:.3g}): "
                     "lower train.lr, enable train.clip_grad_norm, or check mixed precision"
                 )
             # Micro-batches are averaged, so the gradient does not grow with grad_accum.
@@ -162,7 +172,7 @@ class Trainer:
         self.prepared_optimizer.zero_grad(set_to_none=True)
         return total_loss
 
-    def _current_lrs(self) -> dict[str, float]:
+    def current_lrs(self) -> dict[str, float]:
         lrs = {}
         for i, group in enumerate(self.optimizer.param_groups):
             name = group.get("name", str(i))
@@ -170,7 +180,8 @@ class Trainer:
         return lrs
 
     # ------------------------------------------------------------------------------ periodic events
-    def _validate(self) -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
+        """Deterministic validation (and stabilized train) loss of the current weights."""
         out = {}
         with self._eval_weights():
             if self.val_probe is not None:
@@ -252,8 +263,6 @@ class Trainer:
         trainable, self.state = load_training_state(checkpoint, self.optimizer, self.scheduler)
         self.network.load_state_dict({k: v.to(self.accelerator.device) for k, v in trainable.items()})
         truncate_metrics(self.run_dir.metrics, self.state.step)
-        if self.state.batch_in_epoch >= self.plan.batches_per_epoch:
-            self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
 
     def _announce(self, progress: Progress) -> None:
         plan, train = self.plan, self.config.train

@@ -102,10 +102,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import tomllib
+
     from difftune.config.loading import apply_overrides, validate_config
     from difftune.demo import demo_config_text, export_digits, prepare_base_model
     from difftune.training.loop import train
-    import tomllib
 
     out = Path(args.out)
     data_dir = out / "data" / "1_digits"

@@ -72,7 +72,7 @@ def _load_diffusers_folder(path: Path) -> tuple[dict, str]:
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise ModelLoadError(f"model.path = '{path}': could not load the diffusers components: {e}") from e
     parts = {
         "unet": unet,

@@ -108,9 +108,8 @@ def test_required_keys_exist():
 
 
 def test_every_shipped_example_validates():
-    from importlib import resources
-
     import tomllib
+    from importlib import resources
 
     from difftune.config.loading import validate_config
 

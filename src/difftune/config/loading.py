@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-import tomllib
 import yaml
 from pydantic import BaseModel, ValidationError
 

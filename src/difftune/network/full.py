@@ -9,10 +9,13 @@ import torch
 
 from difftune.models.base import DiffusionModel
 
+SINGLE_FILE_NAME = "model.safetensors"
+
 
 class FullFineTune:
-    def __init__(self, model: DiffusionModel, train_unet: bool, train_text_encoder: bool):
+    def __init__(self, model: DiffusionModel, train_unet: bool, train_text_encoder: bool, export_format: str = "diffusers"):
         self.model = model
+        self.export_format = export_format
         self.parts: dict[str, torch.nn.Module] = {}
         if train_unet:
             self.parts["unet"] = model.unet
@@ -43,7 +46,15 @@ class FullFineTune:
             module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
 
     def export(self, directory: Path, model: DiffusionModel, metadata: dict[str, str], dtype: torch.dtype) -> None:
-        model.save_pretrained(directory, dtype=dtype)
+        """A diffusers folder and/or `model.safetensors` in the original single-file layout."""
+        if self.export_format in ("diffusers", "both"):
+            model.save_pretrained(directory, dtype=dtype)
+        if self.export_format in ("single_file", "both"):
+            from difftune.checkpoint.single_file_export import save_single_file
+
+            save_single_file(
+                directory / SINGLE_FILE_NAME, model.unet, model.vae, model.text_encoders[0], dtype=dtype, metadata=metadata
+            )
 
     def describe(self) -> dict[str, Any]:
         trainable = sum(p.numel() for m in self.parts.values() for p in m.parameters() if p.requires_grad)

@@ -112,6 +112,11 @@ class OutputConfig(Section):
     save_last_n: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints (the final one is always kept).")
     save_state: bool = Field(True, description="Save resumable training state with each checkpoint.")
     save_precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Precision of exported weights.")
+    checkpoint_format: Literal["diffusers", "single_file", "both"] = Field(
+        "diffusers",
+        description="Full fine-tune exports: a diffusers folder, one original-layout model.safetensors "
+        "(what A1111/Forge/ComfyUI load), or both.",
+    )
     tensorboard: bool = Field(True, description="Write TensorBoard event files.")
     overwrite: bool = Field(False, description="Allow training into a run directory that already has metrics.")
 

@@ -45,5 +45,10 @@ def build_network(model: DiffusionModel, config: Config) -> TrainableNetwork:
     if config.network.type in (None, "none"):
         from difftune.network.full import FullFineTune
 
-        return FullFineTune(model, train_unet=config.train.train_unet, train_text_encoder=config.train.train_text_encoder)
+        return FullFineTune(
+            model,
+            train_unet=config.train.train_unet,
+            train_text_encoder=config.train.train_text_encoder,
+            export_format=config.output.checkpoint_format,
+        )
     raise ValueError(f"network.type = {config.network.type!r}: LoRA-family networks are not available yet")

@@ -28,6 +28,8 @@ class ImageRecord:
     repeats: int
     folder: str
     """Path of the image's folder relative to the dataset root ('.' for the root)."""
+    size: tuple[int, int] = (0, 0)
+    """(width, height) in pixels, read while checking the image."""
 
     @property
     def key(self) -> str:
@@ -45,15 +47,20 @@ def folder_repeats(relative_folder: Path) -> int:
     return repeats
 
 
-def scan_image_folder(root: str | Path, caption_extension: str = ".txt", repeats: int = 1) -> list[ImageRecord]:
+def scan_image_folder(
+    root: str | Path, caption_extension: str = ".txt", repeats: int = 1, key: str = "data.train_dir"
+) -> list[ImageRecord]:
     """All images under `root`, sorted by path, with their captions and repeat counts.
+
+    `key` is the config key that named the folder, for the error message.
 
     Raises:
         DatasetError: if the folder is missing or empty, or any image is unreadable or lacks a caption.
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"image folder not found: {root}")
+        what = "is a file, not a folder" if root.exists() else "folder not found"
+        raise DatasetError(f"{key} = '{root}': {what} (expected a folder of images with same-name captions)")
     images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise DatasetError(
@@ -62,7 +69,7 @@ def scan_image_folder(root: str | Path, caption_extension: str = ".txt", repeats
     records, problems = [], []
     for path in images:
         caption_path = path.with_suffix(caption_extension)
-        problem = _check_image(path)
+        problem, size = _check_image(path)
         if problem:
             problems.append(f"{path}: unreadable image ({problem})")
         if not caption_path.is_file():
@@ -80,6 +87,7 @@ def scan_image_folder(root: str | Path, caption_extension: str = ".txt", repeats
                 caption=" ".join(caption.split()),
                 repeats=folder_repeats(relative_folder) * repeats,
                 folder=relative_folder.as_posix(),
+                size=size,
             )
         )
     if problems:
@@ -88,13 +96,13 @@ def scan_image_folder(root: str | Path, caption_extension: str = ".txt", repeats
     return records
 
 
-def _check_image(path: Path) -> str | None:
-    """Decode the image fully (verify() misses truncated data); return the error text or None."""
+def _check_image(path: Path) -> tuple[str | None, tuple[int, int]]:
+    """Decode the image fully (verify() misses truncated data); return (error text or None, size)."""
     try:
         with Image.open(path) as image:
             image.load()
             if image.width < 1 or image.height < 1:
-                return "empty image"
+                return "empty image", (0, 0)
+            return None, image.size
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        return str(e) or type(e).__name__
-    return None
+        return str(e) or type(e).__name__, (0, 0)

@@ -60,7 +60,7 @@ def make_plan(config: Config) -> Plan:
     records = scan_image_folder(data.train_dir, data.caption_extension, data.repeats)
     if data.val_dir:
         train_records = records
-        val_records = scan_image_folder(data.val_dir, data.caption_extension, 1)
+        val_records = scan_image_folder(data.val_dir, data.caption_extension, 1, key="data.val_dir")
     else:
         train_records, val_records = split_records(records, data.train_dir, data.val_split, config.validation.seed)
     warnings = []
@@ -68,6 +68,12 @@ def make_plan(config: Config) -> Plan:
         warnings.append(
             "no validation images (data.val_split = 0 and no data.val_dir): validation loss, find-lr and "
             "find-steps need a held-out set"
+        )
+    small = [r for r in train_records + val_records if 0 < min(r.size) < data.resolution]
+    if small:
+        warnings.append(
+            f"{len(small)} image(s) are smaller than data.resolution ({data.resolution} px on the short side) and are "
+            f"upscaled, which blurs what the model learns; e.g. {small[0].path} ({small[0].size[0]}x{small[0].size[1]})"
         )
     samples_per_epoch = sum(r.repeats for r in train_records)
     batches_per_epoch = max(1, samples_per_epoch // train.batch_size)

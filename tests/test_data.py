@@ -52,8 +52,26 @@ def test_every_problem_is_listed_before_training(tmp_path):
 def test_empty_and_missing_folders(tmp_path):
     with pytest.raises(DatasetError, match="no images found"):
         scan_image_folder(tmp_path)
-    with pytest.raises(DatasetError, match="not found"):
-        scan_image_folder(tmp_path / "nope")
+    with pytest.raises(DatasetError, match="data.val_dir = '.*nope': folder not found"):
+        scan_image_folder(tmp_path / "nope", key="data.val_dir")
+
+
+def test_odd_image_modes_load_and_small_images_are_reported(tmp_path, quick_config):
+    """Grayscale, palette, CMYK and 16-bit images train like RGB ones; upscaled ones get a warning."""
+    from difftune.training.plan import make_plan
+
+    make_image(tmp_path / "rgb.png", size=(40, 30))
+    for name, mode in [("gray.jpg", "L"), ("palette.png", "P"), ("cmyk.jpg", "CMYK")]:
+        Image.new("RGB", (40, 30), (10, 200, 30)).convert(mode).save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text(mode)
+    Image.fromarray(np.full((24, 24), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")
+    (tmp_path / "deep.txt").write_text("16 bit")
+    make_image(tmp_path / "small.png", size=(8, 8))
+    for record in scan_image_folder(tmp_path):
+        pixels = load_image(record.path, 16)
+        assert pixels.shape == (3, 16, 16) and torch.isfinite(pixels).all()
+    plan = make_plan(quick_config(data={"train_dir": str(tmp_path), "val_split": 0.0}))
+    assert any("1 image(s) are smaller than data.resolution" in w and "small.png (8x8)" in w for w in plan.warnings)
 
 
 def test_split_is_deterministic_and_depends_only_on_seed_and_names(tmp_path):

@@ -49,6 +49,16 @@ def test_diffusers_folder_round_trip(tmp_path):
     assert torch.equal(cond["encoder_hidden_states"], again_cond["encoder_hidden_states"])
 
 
+def test_folder_with_only_fp16_variant_weights_loads(tmp_path):
+    """Hub downloads often keep only `*.fp16.safetensors`; they must load without naming the variant."""
+    model = load_model(ModelConfig())
+    model.save_pretrained(tmp_path / "m")
+    for weights in (tmp_path / "m").glob("*/*.safetensors"):
+        weights.rename(weights.with_name(f"{weights.stem}.fp16.safetensors"))
+    again = load_model(ModelConfig(path=str(tmp_path / "m")))
+    assert torch.equal(again.unet.conv_in.weight, model.unet.conv_in.weight)
+
+
 def test_clip_skip_uses_an_earlier_layer():
     one, two = load_model(ModelConfig()), load_model(ModelConfig(clip_skip=2))
     with torch.no_grad():

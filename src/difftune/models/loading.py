@@ -67,9 +67,9 @@ def _load_diffusers_folder(path: Path) -> tuple[dict, str]:
     if missing:
         raise ModelLoadError(f"model.path = '{path}': missing component folder(s): {', '.join(missing)}")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **_weights_variant(path / "unet"))
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **_weights_variant(path / "vae"))
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **_weights_variant(path / "text_encoder"))
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError) as e:
@@ -82,6 +82,18 @@ def _load_diffusers_folder(path: Path) -> tuple[dict, str]:
         "noise_scheduler": scheduler,
     }
     return parts, detect_family(unet, scheduler)
+
+
+def _weights_variant(folder: Path) -> dict:
+    """Loading options for a component folder; hub downloads often hold only `*.fp16.safetensors`."""
+    options = {"local_files_only": True}
+    names = [p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
+    plain = [n for n in names if n.count(".") == 1 or ".index." in n and n.count(".") == 2]
+    if not plain:
+        variants = {n.split(".")[-2] for n in names if n.count(".") >= 2 and ".index." not in n}
+        if len(variants) == 1:
+            options["variant"] = variants.pop()
+    return options
 
 
 def detect_family(unet: UNet2DConditionModel, scheduler: DDPMScheduler) -> str:

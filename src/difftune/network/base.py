@@ -51,4 +51,6 @@ def build_network(model: DiffusionModel, config: Config) -> TrainableNetwork:
             train_text_encoder=config.train.train_text_encoder,
             export_format=config.output.checkpoint_format,
         )
-    raise ValueError(f"network.type = {config.network.type!r}: LoRA-family networks are not available yet")
+    from difftune.network.lycoris_net import LoraFamilyNetwork
+
+    return LoraFamilyNetwork.for_training(model, config)

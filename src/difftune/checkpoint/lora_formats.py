@@ -1,0 +1,332 @@
+"""LoRA files in the two layouts people load, and the metadata the tools read.
+
+kohya/LyCORIS layout (ComfyUI, A1111/Forge, kohya's scripts): one key prefix per layer, the module path
+with dots as underscores, e.g. `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`
+and `lora_te_text_model_encoder_layers_0_self_attn_q_proj`, followed by the algorithm's own tensor
+names (`lora_down.weight`, `lora_up.weight`, `alpha`, `hada_w1_a`, `lokr_w1`, `oft_blocks`, `diff`, ...).
+
+diffusers/PEFT layout (`pipeline.load_lora_weights`): `unet.<module path>.lora_A.weight` /
+`lora_B.weight` and `text_encoder.text_model.<module path>...`, without alphas: the diffusers loader
+then uses scale 1, so writing this layout folds alpha/rank into `lora_B`. It only holds plain low-rank
+pairs; the other algorithms stay in the kohya layout.
+
+Converting between the two needs the dotted module path behind each kohya name (underscores are
+ambiguous); it comes from a model's own modules, or from the SD 1.x/2.x architectures difftune ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save, save_file
+
+from difftune.checkpoint.atomic import atomic_path
+
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_"
+TE_MODEL_PREFIX = "lora_te_text_model_"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_PAIR = ("lora_down.weight", "lora_up.weight")
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32"}
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file or conversion difftune cannot handle; the message says which keys and why."""
+
+
+# ------------------------------------------------------------------------------------------ names
+def kohya_text_encoder(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """The text encoder as seen under `text_model.` (transformers 5's CLIPTextModel dropped that wrapper,
+    but shared files and ComfyUI/A1111 use `lora_te_text_model_...`)."""
+    return text_encoder if hasattr(text_encoder, "text_model") else _TextModelNames(text_encoder)
+
+
+class _TextModelNames(torch.nn.Module):
+    """Naming shim only: holds the encoder under `text_model`; never called, never saved."""
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_model = text_encoder
+
+
+def kohya_name(part: str, module_path: str) -> str:
+    """`unet`/`text_encoder` + dotted path (text encoder paths start with `text_model.`) → kohya name."""
+    prefix = UNET_PREFIX if part == "unet" else TE_PREFIX
+    return prefix + module_path.replace(".", "_")
+
+
+def module_table(unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None) -> dict[str, str]:
+    """kohya module name → diffusers-layout module key (`unet.<path>` / `text_encoder.text_model.<path>`)."""
+    table = {}
+    for part, root in (("unet", unet), ("text_encoder", kohya_text_encoder(text_encoder) if text_encoder else None)):
+        if root is None:
+            continue
+        for path, module in root.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                table[kohya_name(part, path)] = f"{part}.{path}"
+    return table
+
+
+@lru_cache(maxsize=1)
+def reference_module_table() -> dict[str, str]:
+    """Module names of the SD 1.x and 2.x architectures (shipped configs, built without weights), and of
+    the built-in tiny model, for converting files when no model is given."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difftune.models.single_file import shipped_config_dir
+    from difftune.models.tiny import tiny_text_encoder, tiny_unet
+
+    table: dict[str, str] = {}
+    with init_empty_weights():
+        for family in ("sd1", "sd2"):
+            folder = shipped_config_dir(family)
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+            text = CLIPTextModel(CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json"))
+            table.update(module_table(unet, text))
+        table.update(module_table(tiny_unet(), tiny_text_encoder()))
+    return table
+
+
+def normalise_kohya_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Files written against a flattened CLIPTextModel lack `text_model_`; put it back."""
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith(TE_PREFIX) and not key.startswith(TE_MODEL_PREFIX):
+            key = TE_MODEL_PREFIX + key[len(TE_PREFIX):]
+        out[key] = value
+    return out
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """`lora_unet_x_y.lora_down.weight` → (`lora_unet_x_y`, `lora_down.weight`)."""
+    module, _, tensor = key.partition(".")
+    return module, tensor
+
+
+# ----------------------------------------------------------------------------------------- layouts
+def detect_layout(keys: Iterable[str], source: str = "file") -> str:
+    keys = list(keys)
+    if not keys:
+        raise LoraFormatError(f"{source}: holds no tensors")
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+        raise LoraFormatError(f"{source}: an SDXL LoRA (lora_te1_/lora_te2_ keys); difftune handles SD 1.x/2.x LoRAs for now")
+    if all(k.startswith((UNET_PREFIX, TE_PREFIX)) for k in keys):
+        return "kohya"
+    if all(k.startswith(("unet.", "text_encoder.")) for k in keys):
+        return "diffusers"
+    odd = next(k for k in keys if not k.startswith((UNET_PREFIX, TE_PREFIX, "unet.", "text_encoder.")))
+    raise LoraFormatError(
+        f"{source}: not a Stable Diffusion LoRA in kohya (lora_unet_/lora_te_) or diffusers (unet./text_encoder.) "
+        f"layout; first unexpected key: {odd!r}"
+    )
+
+
+def kohya_to_diffusers(tensors: dict[str, torch.Tensor], table: dict[str, str]) -> dict[str, torch.Tensor]:
+    """kohya LoRA tensors → diffusers/PEFT layout, alpha/rank folded into lora_B."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in normalise_kohya_keys(tensors).items():
+        module, tensor = split_key(key)
+        modules.setdefault(module, {})[tensor] = value
+    out = {}
+    for module, parts in modules.items():
+        extra = sorted(set(parts) - {*LORA_PAIR, "alpha"})
+        if extra or not set(LORA_PAIR) <= set(parts):
+            raise LoraFormatError(
+                f"{module}: tensors {sorted(parts)} are not a plain LoRA pair (lora_down/lora_up/alpha); the diffusers "
+                f"layout cannot express {', '.join(extra) or 'a missing half'} (DoRA, LoHa, LoKr, OFT, IA3, GLoRA and "
+                "native fine-tuning stay in the kohya layout)"
+            )
+        if module not in table:
+            raise LoraFormatError(f"{module}: no such layer in the model (is the LoRA for another architecture?)")
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        rank = down.shape[0]
+        scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
+        if scale != 1.0:
+            up = (up.float() * scale).to(up.dtype)
+        out[f"{table[module]}.lora_A.weight"] = down
+        out[f"{table[module]}.lora_B.weight"] = up
+    return out
+
+
+_PEFT_TO_KOHYA_SUFFIX = ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"), (".alpha", "alpha"))
+
+
+def diffusers_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers/PEFT layout → kohya layout with alpha = rank (the scale diffusers applies)."""
+    tensors = _as_peft(tensors)
+    out = {}
+    for key, value in tensors.items():
+        if "lora_magnitude_vector" in key:
+            raise LoraFormatError(f"{key}: DoRA in the diffusers layout is not supported; use a kohya-layout DoRA file")
+        match = next((pair for pair in _PEFT_TO_KOHYA_SUFFIX if key.endswith(pair[0])), None)
+        if match is None:
+            raise LoraFormatError(f"{key}: not a LoRA tensor (expected .lora_A.weight / .lora_B.weight)")
+        suffix, kohya = match
+        module_key = key[: -len(suffix)]
+        part, _, path = module_key.partition(".")
+        if part == "text_encoder" and not path.startswith("text_model."):
+            path = "text_model." + path
+        out[f"{kohya_name(part, path)}.{kohya}"] = value
+    for key in list(out):
+        if key.endswith(".lora_down.weight"):
+            alpha_key = key.replace(".lora_down.weight", ".alpha")
+            out.setdefault(alpha_key, torch.tensor(float(out[key].shape[0]), dtype=out[key].dtype))
+    return out
+
+
+def _as_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Older diffusers spellings (`to_q_lora.down`, `lora_linear_layer`) → PEFT names, with diffusers' own converters."""
+    if all(".lora_A." in k or ".lora_B." in k or k.endswith(".alpha") for k in tensors):
+        return tensors
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    unet = {k: v for k, v in tensors.items() if k.startswith("unet.")}
+    text = {k: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    try:
+        converted = convert_unet_state_dict_to_peft(unet) if unet else {}
+        if text:
+            converted.update(convert_state_dict_to_peft(text))
+    except ValueError as e:
+        raise LoraFormatError(f"diffusers-layout LoRA in an unknown spelling: {e}") from e
+    return {k.replace(".processor.", "."): v for k, v in converted.items()}
+
+
+# ---------------------------------------------------------------------------------------- files
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """(tensors, metadata, layout) of a .safetensors LoRA file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFormatError(f"{path}: file not found")
+    if path.suffix.lower() != ".safetensors":
+        raise LoraFormatError(f"{path}: LoRA files are read as .safetensors only (pickled .pt/.ckpt files can run code)")
+    tensors = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = dict(f.metadata() or {})
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    return tensors, metadata, detect_layout(tensors, str(path))
+
+
+def read_as_kohya(path: str | Path, table: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Any supported LoRA file as kohya-layout tensors (TE names with `text_model_`), plus its metadata."""
+    tensors, metadata, layout = read_lora_file(path)
+    if layout == "diffusers":
+        tensors = diffusers_to_kohya(tensors)
+    return normalise_kohya_keys(tensors), metadata
+
+
+def data_hash(serialized: bytes) -> str:
+    """sha256 of the tensor data after the header: the hash A1111 (and kohya's sshs_model_hash) gives a
+    .safetensors LoRA, unchanged by metadata edits."""
+    (header_len,) = struct.unpack("<Q", serialized[:8])
+    return hashlib.sha256(serialized[8 + header_len:]).hexdigest()
+
+
+def write_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], add_hash: bool = True) -> Path:
+    """Atomically write a LoRA file; `sshs_model_hash` is the file's own data hash (A1111 reads it)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {k: str(v) for k, v in metadata.items()}
+    if add_hash:
+        metadata["sshs_model_hash"] = data_hash(save(tensors))
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def safetensors_size(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict[str, str]) -> int:
+    """Bytes of a .safetensors file with these tensors and metadata, without writing it: 8-byte length,
+    compact JSON header padded to 8 bytes, then the data."""
+    header, offset = {}, 0
+    # Data order (and so the digits of each offset) as safetensors writes it: wider dtypes first, then by name.
+    order = sorted(shapes, key=lambda name: (-torch.empty((), dtype=shapes[name][1]).element_size(), name))
+    for name in order:
+        shape, dtype = shapes[name]
+        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return 8 + len(text) + (-len(text) % 8) + offset
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ------------------------------------------------------------------------------------- metadata
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v"}
+MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v"}
+
+
+def lora_metadata(*, network: dict, run: dict[str, str], family: str, prediction_type: str,
+                  train_config: dict | None = None) -> dict[str, str]:
+    """Metadata for a LoRA file: kohya's `ss_*` keys (A1111 reads ss_output_name, ss_v2,
+    ss_base_model_version and sshs_model_hash; kohya's tools ss_network_*), the SAI model spec, and
+    difftune's own keys (the full network settings, so difftune reloads the file exactly).
+
+    `network`: NetworkSettings.to_dict(); `run`: the trainer's metadata (step, epoch, resolution, ...).
+    """
+    algo = network["type"]
+    plain_lora = algo in ("lora", "locon", "dylora") and not network.get("dora")
+    args = {"algo": network["lycoris_algo"], "preset": network["preset"]}
+    for ours, theirs in (("conv_rank", "conv_dim"), ("conv_alpha", "conv_alpha"), ("factor", "factor"),
+                         ("block_size", "block_size"), ("constraint", "constraint"), ("rank_dropout", "rank_dropout"),
+                         ("module_dropout", "module_dropout")):
+        if network.get(ours) not in (None, 0, 0.0):
+            args[theirs] = str(network[ours])
+    if network.get("dora"):
+        args["dora_wd"] = "True"
+    if network.get("rescaled"):
+        args["rescaled"] = "True"
+    train_config = train_config or {}
+    resolution = run.get("resolution", "")
+    meta = {
+        "ss_network_module": "networks.lora" if plain_lora else "lycoris.kohya",
+        "ss_network_dim": str(network.get("rank") or network.get("block_size") or "None"),
+        "ss_network_alpha": str(network.get("alpha") or "None"),
+        "ss_network_args": json.dumps(args),
+        "ss_network_dropout": str(network.get("dropout") or 0.0),
+        "ss_base_model_version": BASE_MODEL_VERSIONS.get(family, family),
+        "ss_v2": str(family.startswith("sd2")),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_sd_model_name": Path(run.get("base_model", "")).name or run.get("base_model", ""),
+        "ss_output_name": run.get("output_name", "lora"),
+        "ss_resolution": f"({resolution}, {resolution})" if resolution else "",
+        "ss_steps": run.get("step", ""),
+        "ss_epoch": run.get("epoch", ""),
+        "ss_num_epochs": run.get("planned_epochs", ""),
+        "ss_num_train_images": run.get("train_samples", run.get("train_images", "")),
+        "ss_training_started_at": run.get("training_started_at", ""),
+        "ss_learning_rate": str(train_config.get("lr", "")),
+        "ss_unet_lr": str(train_config.get("lr", "")),
+        "ss_text_encoder_lr": str(train_config.get("text_encoder_lr") or train_config.get("lr", "")),
+        "ss_seed": str(train_config.get("seed", "")),
+        "ss_clip_skip": run.get("clip_skip", ""),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURES.get(family, f"difftune-{family}") + "/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": run.get("output_name", "lora"),
+        "modelspec.date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.resolution": f"{resolution}x{resolution}" if resolution else "",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "difftune_network": json.dumps(network, sort_keys=True),
+    }
+    meta.update({f"difftune_{k}": v for k, v in run.items() if not k.startswith("difftune_")})
+    if "difftune_version" in run:
+        meta["difftune_version"] = run["difftune_version"]
+    return {k: v for k, v in meta.items() if v != ""}

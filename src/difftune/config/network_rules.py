@@ -1,0 +1,178 @@
+"""Which `[network]` settings each LoRA-family algorithm uses, and its defaults.
+
+Pure data (no torch), so the config schema can check a network section at load time and the network
+builder reads the same facts: one table, not two lists that drift apart. Algorithms come from LyCORIS,
+the library the community's LoRA/LoHa/LoKr/OFT files are made with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Settings a network section can carry besides `type`, `preset` and `init_from` (always valid).
+RANK_KEYS = ("rank", "alpha")
+CONV_KEYS = ("conv_rank", "conv_alpha")
+DROPOUT_KEYS = ("rank_dropout", "module_dropout")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    lycoris: str
+    """LyCORIS `algo` name."""
+    keys: frozenset[str]
+    """`network.*` settings this algorithm uses."""
+    default_preset: str
+    dora: bool = False
+    """Supports weight decomposition (DoRA)."""
+    lora_layout: bool = False
+    """Exports plain lora_down/lora_up/alpha tensors, which the diffusers/PEFT layout can express."""
+    summary: str = ""
+
+
+def _keys(*groups) -> frozenset[str]:
+    return frozenset(k for g in groups for k in ((g,) if isinstance(g, str) else g))
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "lora": Algorithm("lora", _keys(RANK_KEYS, "dropout", DROPOUT_KEYS), "attn-mlp", dora=True, lora_layout=True,
+                      summary="low-rank update of linear layers (kohya networks.lora)"),
+    "locon": Algorithm("locon", _keys(RANK_KEYS, CONV_KEYS, "dropout", DROPOUT_KEYS), "full", dora=True,
+                       lora_layout=True, summary="LoRA on linear and 3x3 conv layers"),
+    "loha": Algorithm("loha", _keys(RANK_KEYS, CONV_KEYS, "dropout", DROPOUT_KEYS), "full", dora=True,
+                      summary="Hadamard product of two low-rank updates"),
+    "lokr": Algorithm("lokr", _keys(RANK_KEYS, CONV_KEYS, "dropout", DROPOUT_KEYS, "factor"), "full", dora=True,
+                      summary="Kronecker product update"),
+    "dylora": Algorithm("dylora", _keys(RANK_KEYS, CONV_KEYS, DROPOUT_KEYS, "block_size"), "full", lora_layout=True,
+                        summary="LoRA trained for every rank up to `rank` at once (exports a plain LoRA)"),
+    "glora": Algorithm("glora", _keys(RANK_KEYS, CONV_KEYS, "dropout", DROPOUT_KEYS), "full",
+                       summary="generalised LoRA (weight, bias and prompt-like terms)"),
+    "ia3": Algorithm("ia3", _keys(DROPOUT_KEYS), "ia3", summary="learned per-channel scaling of keys, values and FF"),
+    "diag-oft": Algorithm("diag-oft", _keys("dropout", DROPOUT_KEYS, "block_size", "constraint", "rescaled"), "full",
+                          summary="orthogonal fine-tuning with block-diagonal rotations"),
+    "boft": Algorithm("boft", _keys(DROPOUT_KEYS, "block_size", "constraint", "rescaled"), "full",
+                      summary="butterfly orthogonal fine-tuning"),
+    "full": Algorithm("full", _keys(DROPOUT_KEYS), "attn-mlp",
+                      summary="LyCORIS native fine-tuning: trains the targeted weights themselves, exports their difference"),
+}
+
+# Asked for by users, but not in the LyCORIS release difftune builds on.
+UNSUPPORTED = {
+    "glokr": "LyCORIS 4.1.3 (the library difftune uses for the LoRA family) has no GLoKr module; "
+    "use 'lokr' (Kronecker) or 'glora' (generalised LoRA)",
+    "tlora": "timestep-masked LoRA needs per-step masks the trainer does not set; use 'lora'",
+}
+
+# Layer selections, named like LyCORIS presets so its users recognise them (see network/presets.py).
+PRESETS = {
+    "attn-only": "attention projections (UNet to_q/k/v/out, text encoder q/k/v/out_proj)",
+    "attn-mlp": "whole transformer blocks: attention, feed-forward, proj_in/out (kohya's LoRA default)",
+    "full-lin": "every linear and 1x1 layer of the UNet (adds ResNet time embeddings and shortcuts)",
+    "full": "full-lin plus 3x3 convolutions (conv_in/out, ResNets, up/down samplers)",
+    "ia3": "keys, values and the feed-forward output ((IA)^3 paper)",
+}
+
+DEFAULT_RANK = 16
+DEFAULT_BLOCK_SIZE = {"dylora": 4, "diag-oft": 8, "boft": 8}
+LORA_FORMATS = ("kohya", "diffusers", "both")
+FULL_FINETUNE_TYPES = (None, "none")
+
+
+def valid_types() -> str:
+    return ", ".join(list(ALGORITHMS)) + " (or leave unset / 'none' for a full fine-tune)"
+
+
+def types_using(key: str) -> list[str]:
+    return [name for name, algo in ALGORITHMS.items() if key in algo.keys]
+
+
+def check_type(value: str | None) -> str | None:
+    """Normalise and check `network.type`; raises ValueError with the valid names."""
+    if value is None:
+        return None
+    name = value.strip().lower()
+    if name in ("none", ""):
+        return "none"
+    if name in UNSUPPORTED:
+        raise ValueError(f"'{name}' is not supported: {UNSUPPORTED[name]}")
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown network type; valid: {valid_types()}")
+    return name
+
+
+def check_key(key: str, value, network_type: str | None) -> None:
+    """A setting given for a network type that does not use it is an error, not a silent no-op."""
+    if network_type in FULL_FINETUNE_TYPES:
+        raise ValueError(
+            f"network.{key} has no effect on a full fine-tune (network.type is not set); "
+            f"set network.type to one of: {', '.join(types_using(key)) or ', '.join(ALGORITHMS)}"
+        )
+    if network_type not in ALGORITHMS:
+        return  # the type itself is reported
+    if key not in ALGORITHMS[network_type].keys:
+        hint = ""
+        if key in CONV_KEYS and network_type == "lora":
+            hint = " ('lora' trains linear layers; use network.type = 'locon' for 3x3 convolutions)"
+        elif key in RANK_KEYS and network_type in ("diag-oft", "boft"):
+            hint = " (OFT's size setting is network.block_size)"
+        raise ValueError(
+            f"network.{key} is not used by network.type = '{network_type}'{hint}; "
+            f"it applies to: {', '.join(types_using(key))}"
+        )
+
+
+def resolved_preset(network_type: str, preset: str | None) -> str:
+    return preset or ALGORITHMS[network_type].default_preset
+
+
+def check_preset(preset: str | None, network_type: str | None) -> None:
+    if preset is None:
+        return
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset; valid: {', '.join(PRESETS)}")
+    if network_type in FULL_FINETUNE_TYPES:
+        raise ValueError("network.preset has no effect on a full fine-tune (network.type is not set)")
+    if network_type == "lora" and preset == "full":
+        raise ValueError(
+            "'lora' trains linear layers only; for 3x3 convolutions use network.type = 'locon' "
+            "(or preset 'full-lin' for every linear layer)"
+        )
+
+
+def check_conv(network_type: str | None, preset: str | None) -> None:
+    """conv_rank/conv_alpha only matter when the preset reaches 3x3 convolutions."""
+    if network_type in ALGORITHMS and resolved_preset(network_type, preset) != "full":
+        raise ValueError(
+            f"conv layers are only trained with network.preset = 'full' (now '{resolved_preset(network_type, preset)}')"
+        )
+
+
+def check_dora(network_type: str | None, dropout: float) -> None:
+    if network_type in FULL_FINETUNE_TYPES:
+        raise ValueError("network.dora needs a network.type: one of " + ", ".join(n for n, a in ALGORITHMS.items() if a.dora))
+    if network_type in ALGORITHMS and not ALGORITHMS[network_type].dora:
+        raise ValueError(
+            f"DoRA (weight decomposition) is not available for network.type = '{network_type}' in LyCORIS; "
+            f"it is for: {', '.join(n for n, a in ALGORITHMS.items() if a.dora)}"
+        )
+    if dropout:
+        raise ValueError("LyCORIS ignores network.dropout with DoRA; use rank_dropout/module_dropout or set dropout = 0")
+
+
+def check_lora_format(lora_format: str, network_type: str | None, dora: bool) -> str | None:
+    """The diffusers/PEFT layout holds plain low-rank pairs only; returns a problem or None."""
+    if lora_format == "kohya" or network_type in FULL_FINETUNE_TYPES or network_type not in ALGORITHMS:
+        return None
+    algo = ALGORITHMS[network_type]
+    if not algo.lora_layout:
+        layout_types = ", ".join(n for n, a in ALGORITHMS.items() if a.lora_layout)
+        return (
+            f"output.lora_format = '{lora_format}': the diffusers/PEFT layout cannot hold '{network_type}' weights "
+            f"(it stores plain low-rank pairs: {layout_types}); use output.lora_format = 'kohya' "
+            "(ComfyUI, A1111/Forge and kohya's scripts load it)"
+        )
+    if dora:
+        return (
+            f"output.lora_format = '{lora_format}': diffusers' Stable Diffusion LoRA loader drops DoRA's "
+            "dora_scale, so the file would not reproduce the trained network; use output.lora_format = 'kohya'"
+        )
+    return None

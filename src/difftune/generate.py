@@ -1,0 +1,46 @@
+"""`difftune sample`: images from a model (and optionally a LoRA-family file) from the command line.
+
+It renders with the same code as the training samples (reporting/samples.py: same pipeline, sampler
+names and per-prompt seeds), so an image made here matches the grid cell the run produced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difftune.config.schema import ModelConfig, SampleConfig
+
+
+def generate(model_path: str, prompts: list[str], out: str | Path, *, lora: str | None = None, scale: float = 1.0,
+             seed: int = 0, steps: int = 20, cfg_scale: float = 7.0, sampler: str = "euler", negative_prompt: str = "",
+             width: int | None = None, height: int | None = None, clip_skip: int = 1) -> list[Path]:
+    """Render each prompt (seed, seed+1, ...) and save PNGs: `out` for one prompt, `out` with -N suffixes
+    for several, plus a grid `out` when there are several. Returns the written paths."""
+    import torch
+
+    from difftune.models import load_model
+    from difftune.reporting.samples import make_grid, render_samples
+
+    model = load_model(ModelConfig(path=model_path, clip_skip=clip_skip))
+    if lora is not None:
+        from difftune.network.lycoris_net import load_lora_file
+
+        load_lora_file(model, lora, multiplier=scale)
+    sample = SampleConfig(prompts=prompts, seed=seed, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
+                          negative_prompt=negative_prompt, width=width, height=height)
+    resolution = model.unet.config.sample_size * model.vae_scale_factor
+    with torch.no_grad():
+        images = render_samples(model, sample, resolution)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(images) == 1:
+        images[0].save(out)
+        return [out]
+    written = []
+    for i, image in enumerate(images):
+        path = out.with_name(f"{out.stem}-{i}{out.suffix}")
+        image.save(path)
+        written.append(path)
+    title = f"{Path(model_path).name}" + (f" + {Path(lora).name} x{scale:g}" if lora else "") + f"  seed {seed}"
+    make_grid(images, prompts, title).save(out)
+    return [out, *written]

@@ -1,0 +1,86 @@
+"""`difftune convert` and `difftune merge`: LoRA files between layouts, and baked into a model."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune.checkpoint import lora_formats as formats
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def convert_file(source: str | Path, target: str | Path, to: str, model_path: str | None = None) -> dict[str, Any]:
+    """Rewrite a LoRA file in the kohya or diffusers layout; returns what was done.
+
+    kohya → diffusers folds each layer's alpha/rank into lora_B (diffusers applies scale 1);
+    diffusers → kohya writes alpha = rank, so converting back gives the same tensors.
+    Module paths come from `model_path`'s architecture, else from the SD 1.x/2.x ones difftune ships.
+    """
+    if to not in ("kohya", "diffusers"):
+        raise formats.LoraFormatError(f"--to {to!r}: expected 'kohya' or 'diffusers'")
+    tensors, metadata, layout = formats.read_lora_file(source)
+    metadata.pop("sshs_model_hash", None)  # describes the old bytes
+    if to == "diffusers":
+        kohya = formats.normalise_kohya_keys(tensors) if layout == "kohya" else formats.diffusers_to_kohya(tensors)
+        out = formats.kohya_to_diffusers(kohya, _table(model_path))
+        meta = {**metadata, "format": "pt"}
+    else:
+        out = formats.diffusers_to_kohya(tensors) if layout == "diffusers" else formats.normalise_kohya_keys(tensors)
+        meta = {**metadata, **_kohya_rank_metadata(out)}
+    formats.write_lora_file(Path(target), out, meta, add_hash=to == "kohya")
+    return {"from": layout, "to": to, "tensors": len(out), "target": str(target)}
+
+
+def _table(model_path: str | None) -> dict[str, str]:
+    if model_path is None:
+        return formats.reference_module_table()
+    from difftune.config.schema import ModelConfig
+    from difftune.network.facts import weightless_architecture
+
+    architecture = weightless_architecture(ModelConfig(path=model_path))
+    if architecture is None:
+        from difftune.models import load_model
+
+        architecture = load_model(ModelConfig(path=model_path))
+    return formats.module_table(architecture.unet, architecture.text_encoder)
+
+
+def _kohya_rank_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """ss_network_dim/alpha of a plain LoRA: its most common rank and alpha."""
+    ranks = collections.Counter(v.shape[0] for k, v in tensors.items() if k.endswith(".lora_down.weight"))
+    alphas = collections.Counter(float(v) for k, v in tensors.items() if k.endswith(".alpha"))
+    if not ranks:
+        return {}
+    meta = {"ss_network_dim": str(ranks.most_common(1)[0][0]), "ss_network_module": "networks.lora"}
+    if alphas:
+        meta["ss_network_alpha"] = f"{alphas.most_common(1)[0][0]:g}"
+    return meta
+
+
+def merge_into_model(base: str, lora: str | Path, scale: float, target: str | Path, precision: str | None = None) -> dict[str, Any]:
+    """Load `base`, bake `lora` in at `scale`, and save a full model: one original-layout .safetensors
+    when `target` ends with .safetensors (A1111/Forge/ComfyUI checkpoints), else a diffusers folder."""
+    from difftune.config.schema import ModelConfig
+    from difftune.models import load_model
+    from difftune.network.lycoris_net import load_lora_file
+
+    model = load_model(ModelConfig(path=base))
+    network = load_lora_file(model, lora, multiplier=scale, attach=False)
+    network.merge(scale)
+    target = Path(target)
+    if target.suffix.lower() == ".safetensors":
+        from difftune.checkpoint.single_file_export import save_single_file
+
+        dtype = PRECISIONS[precision or "fp16"]
+        save_single_file(target, model.unet, model.vae, model.text_encoder, dtype=dtype,
+                         metadata={"difftune_merged_lora": Path(lora).name, "difftune_merge_scale": str(scale),
+                                   "difftune_base_model": str(base)})
+    else:
+        if target.exists() and any(target.iterdir()):
+            raise formats.LoraFormatError(f"{target}: folder exists and is not empty")
+        model.save_pretrained(target, dtype=PRECISIONS[precision or "fp32"])
+    return {"layers": len(network.loras), "scale": scale, "target": str(target)}

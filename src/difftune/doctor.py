@@ -13,6 +13,14 @@ def diagnose(config: Config) -> dict[str, Any]:
     plan = make_plan(config)
     report = {"config_ok": True, "plan": plan.to_json(), "warnings": list(plan.warnings)}
     report["warnings"] += _advice(config, plan.total_steps)
+    from difftune.optim.advice import lr_summary
+
+    report["extra"] = {**report.get("extra", {}), **lr_summary(config, plan.total_steps)}
+    if config.network.type not in (None, "none"):
+        from difftune.network.facts import format_facts, network_facts
+
+        report["network"] = network_facts(config)  # built on a weightless copy of the model
+        report["extra"] = {**report["extra"], **format_facts(report["network"])}
     return report
 
 

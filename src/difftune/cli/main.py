@@ -58,7 +58,60 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default=None, help="PNG path (default: <output.dir>/plots/schedule.png)")
     p.add_argument("--steps", type=int, default=None, help="total steps (default: from the dataset plan, else max_steps)")
+    _add_lora_commands(sub)
+    _add_tuning_commands(sub)
     return parser
+
+
+def _add_tuning_commands(sub) -> None:
+    """find-lr / find-steps / auto: the LR and the step count, found on the configured setup."""
+    p = sub.add_parser("find-lr", help="LR range test on the configured setup: bounds and a recommended LR")
+    _add_config_args(p)
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("find-steps", help="train at a constant LR with early stopping: the best step count")
+    _add_config_args(p)
+    p.add_argument("--lr", type=float, default=None, help="the constant LR (default: train.lr of the config)")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("auto", help="find-lr, then find-steps at its LR, then the final model and report.html")
+    _add_config_args(p)
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_lora_commands(sub) -> None:
+    """convert / merge / sample: LoRA files and images outside a training run."""
+    p = sub.add_parser("convert", help="rewrite a LoRA file in the kohya (ComfyUI/A1111) or diffusers layout")
+    p.add_argument("input", help="LoRA .safetensors (kohya or diffusers layout)")
+    p.add_argument("output", help="where to write the converted .safetensors")
+    p.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="target layout")
+    p.add_argument("--model", default=None, help="model whose layer names to use (default: SD 1.x/2.x and tiny-sd)")
+
+    p = sub.add_parser("merge", help="bake a LoRA-family file into a model and save the full model")
+    p.add_argument("base", help="model: built-in name, diffusers folder or single checkpoint file")
+    p.add_argument("lora", help="LoRA-family .safetensors (kohya or diffusers layout)")
+    p.add_argument("output", help="a .safetensors path (one original-layout checkpoint) or a folder (diffusers)")
+    p.add_argument("--scale", type=float, default=1.0, help="strength of the LoRA (default 1.0)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="saved precision (default: fp16 for a .safetensors file, fp32 for a folder)")
+
+    p = sub.add_parser("sample", help="generate images from a model, optionally with a LoRA (training samples' pipeline)")
+    p.add_argument("model", help="model: built-in name, diffusers folder or single checkpoint file")
+    p.add_argument("--prompt", dest="prompts", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--lora", default=None, help="LoRA-family .safetensors to apply")
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg-scale", type=float, default=7.0)
+    p.add_argument("--sampler", default="euler", choices=["euler", "euler_a", "ddim", "dpmpp_2m", "ddpm"])
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--out", default="sample.png", help="PNG path (several prompts: a grid here plus -N files)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USER_ERROR
+    from difftune.checkpoint.lora_formats import LoraFormatError
     from difftune.config.loading import ConfigError
     from difftune.data.records import DatasetError
     from difftune.models.loading import ModelLoadError
@@ -80,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, ModelLoadError) as e:
+    except (ConfigError, DatasetError, ModelLoadError, LoraFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingDiverged as e:
@@ -175,7 +229,74 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     )
 
 
+def cmd_convert(args) -> int:
+    from difftune.network.tools import convert_file
+
+    done = convert_file(args.input, args.output, args.to, args.model)
+    print(f"{args.input} ({done['from']}) -> {done['target']} ({done['to']}, {done['tensors']} tensors)")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from difftune.network.tools import merge_into_model
+
+    done = merge_into_model(args.base, args.lora, args.scale, args.output, args.precision)
+    print(f"merged {done['layers']} layers of {args.lora} at scale {done['scale']:g} into {args.base} -> {done['target']}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from difftune.generate import generate
+
+    written = generate(args.model, args.prompts, args.out, lora=args.lora, scale=args.scale, seed=args.seed,
+                       steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
+                       negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+                       clip_skip=args.clip_skip)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "doctor": cmd_doctor, "schedule": cmd_schedule}
+COMMANDS.update({"convert": cmd_convert, "merge": cmd_merge, "sample": cmd_sample})
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_find_lr(args) -> int:
+    from difftune.config.loading import load_config
+    from difftune.tuning.lr_finder import find_lr, format_result
+
+    result = find_lr(load_config(args.config, args.overrides), show_progress=not args.no_progress)
+    print(format_result(result))
+    _write_json(args.json, result)
+    return 0 if result["lr"] is not None else 1
+
+
+def cmd_find_steps(args) -> int:
+    from difftune.config.loading import load_config
+    from difftune.tuning.step_finder import find_steps, format_result
+
+    result = find_steps(load_config(args.config, args.overrides), args.lr, show_progress=not args.no_progress)
+    print(format_result(result))
+    _write_json(args.json, result)
+    return 0 if result["best_step"] is not None else 1
+
+
+def cmd_auto(args) -> int:
+    from difftune.config.loading import load_config
+    from difftune.tuning.auto import auto, format_result
+
+    result = auto(load_config(args.config, args.overrides), show_progress=not args.no_progress)
+    print(format_result(result))
+    _write_json(args.json, result)
+    return 0 if result["status"] == "ok" else 1
+
+
+COMMANDS.update({"find-lr": cmd_find_lr, "find-steps": cmd_find_steps, "auto": cmd_auto})
 
 
 if __name__ == "__main__":

@@ -110,6 +110,9 @@ def validate_config(data: dict[str, Any], source: str = "config") -> Config:
         config = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
+    from difftune.tuning.lr_from import apply_lr_from
+
+    apply_lr_from(config, source)  # train.lr_from: LR / cyclic bounds from a find-lr result
     _check_registries(config, source)
     return config
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from difftune.config import network_rules
 
 
 class Section(BaseModel):
@@ -53,7 +55,79 @@ class DataConfig(Section):
 
 
 class NetworkConfig(Section):
-    type: str | None = Field(None, description="LoRA-family network to train; absent means a full fine-tune.")
+    """The LoRA family (LyCORIS algorithms); which settings apply to which type: config/network_rules.py."""
+
+    type: str | None = Field(
+        None,
+        description="LoRA-family network to train: lora, locon, loha, lokr, dylora, ia3, glora, diag-oft, boft, "
+        "full (LyCORIS native fine-tuning); absent or 'none' means a full fine-tune of the model itself.",
+    )
+    preset: str | None = Field(
+        None,
+        description="Layers that get the network, by LyCORIS preset name: attn-only, attn-mlp, full-lin, full, ia3; "
+        "default: attn-mlp for lora/full, ia3 for ia3, full otherwise.",
+    )
+    rank: int | None = Field(None, ge=1, description="Rank (kohya network_dim, LyCORIS dim) of linear layers; default 16.")
+    alpha: float | None = Field(None, gt=0.0, description="Scale numerator (kohya network_alpha): updates are scaled by alpha/rank; default: rank.")
+    conv_rank: int | None = Field(None, ge=1, description="Rank of 3x3 conv layers (LyCORIS conv_dim; preset full); default: rank.")
+    conv_alpha: float | None = Field(None, gt=0.0, description="Alpha of 3x3 conv layers; default: alpha.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the network's output (kohya network_dropout).")
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Drop whole ranks/rows of the update while training.")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Skip a layer's update entirely with this probability while training.")
+    dora: bool = Field(False, description="Weight-decomposed update (DoRA) for lora, locon, loha, lokr.")
+    factor: int | None = Field(None, description="LoKr Kronecker factor; -1 (default) picks the most balanced factorisation.")
+    block_size: int | None = Field(None, ge=1, description="OFT/BOFT block size, DyLoRA rank step; default 8 (OFT) / 4 (DyLoRA).")
+    constraint: float | None = Field(None, ge=0.0, description="OFT/BOFT norm constraint (COFT); 0 or unset: unconstrained.")
+    rescaled: bool = Field(False, description="OFT/BOFT: learn a per-channel rescale too.")
+    init_from: str | None = Field(None, description="Existing LoRA file (kohya or diffusers layout) to continue training from.")
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str | None) -> str | None:
+        return network_rules.check_type(value)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None, info: ValidationInfo) -> str | None:
+        network_rules.check_preset(value, info.data.get("type"))
+        return value
+
+    @field_validator("rank", "alpha", "conv_rank", "conv_alpha", "dropout", "rank_dropout", "module_dropout",
+                     "factor", "block_size", "constraint", "rescaled")
+    @classmethod
+    def _used_by_type(cls, value, info: ValidationInfo):
+        """Only explicitly given values are checked (defaults are not validated)."""
+        if value in (None, False, 0.0) or "type" not in info.data:  # an invalid type is reported on its own
+            return value
+        network_type = info.data.get("type")
+        network_rules.check_key(info.field_name, value, network_type)
+        if info.field_name in ("conv_rank", "conv_alpha"):
+            network_rules.check_conv(network_type, info.data.get("preset"))
+        if info.field_name == "block_size" and network_type == "dylora":
+            rank = info.data.get("rank") or network_rules.DEFAULT_RANK
+            if rank % value:
+                raise ValueError(f"DyLoRA trains ranks in steps of block_size: network.rank ({rank}) must be a multiple of it")
+        return value
+
+    @field_validator("dora")
+    @classmethod
+    def _dora_supported(cls, value: bool, info: ValidationInfo) -> bool:
+        if value:
+            network_rules.check_dora(info.data.get("type"), info.data.get("dropout", 0.0))
+        return value
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        if info.data.get("type") in network_rules.FULL_FINETUNE_TYPES:
+            raise ValueError("network.init_from continues a LoRA-family network; set network.type too")
+        from pathlib import Path
+
+        if not Path(value).expanduser().is_file():
+            raise ValueError("file not found (expected a LoRA .safetensors in kohya or diffusers layout)")
+        return value
 
 
 class TrainConfig(Section):
@@ -61,8 +135,20 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(1e-6, gt=0.0, description="Learning rate of the UNet (or the network on it).")
     text_encoder_lr: float | None = Field(None, ge=0.0, description="Learning rate of the text encoder; default: lr.")
-    lr_scheduler: str = Field("constant", description="Name of the LR schedule (see `difftune schedule`).")
-    lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps at the start of the schedule.")
+    lr_scheduler: str = Field("constant", description="Name of the LR schedule (see docs/optimizers.md, `difftune schedule`).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (LR climbs from 0) at the start of the schedule.")
+    lr_warmup_ratio: float | None = Field(None, ge=0.0, le=1.0, description="Warmup as a fraction of the run's steps, instead of lr_warmup_steps.")
+    lr_decay_steps: int | None = Field(None, ge=1, description="Step where the decay ends (EveryDream2 lr_decay_steps); default: the run length. Cosine climbs back after it.")
+    lr_min: float = Field(0.0, ge=0.0, description="LR the schedules decay to (and cyclic's low end); other groups keep the ratio lr_min / lr.")
+    lr_cycles: int = Field(1, ge=1, description="Cycles of cosine_with_restarts (and of cyclic when cycle_steps is unset).")
+    lr_power: float = Field(1.0, gt=0.0, description="Power of the polynomial schedule.")
+    lr_gamma: float | None = Field(None, gt=0.0, le=1.0, description="Per-step factor of exponential / cyclic exp_range; default: reach lr_min (or 1% of lr) at the end of the decay.")
+    cycle_steps: int | None = Field(None, ge=2, description="Length of one cyclic cycle (up and down) in steps; default: decay steps / lr_cycles.")
+    cyclic_mode: Literal["triangular", "triangular2", "exp_range"] = Field("triangular", description="Shape of the cyclic schedule (torch CyclicLR modes).")
+    wsd_decay_ratio: float = Field(0.1, gt=0.0, le=1.0, description="Fraction of the post-warmup steps warmup_stable_decay spends decaying.")
+    scale_lr: Literal["none", "sqrt", "linear"] = Field("none", description="Scale lr and text_encoder_lr with the effective batch (batch_size x grad_accum) relative to scale_lr_base_batch.")
+    scale_lr_base_batch: int = Field(1, ge=1, description="Effective batch size the configured LRs are meant for (scale_lr).")
+    weight_dtype: Literal["fp32", "bf16"] = Field("fp32", description="Storage dtype of the trained weights; bf16 needs mixed_precision bf16 and wants optimizer.stochastic_rounding.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train; overrides max_epochs when set.")
     max_epochs: int = Field(1, ge=1, description="Passes over the training images (with repeats).")
     seed: int = Field(555, description="Seed of data order, augmentation and noise.")
@@ -73,13 +159,25 @@ class TrainConfig(Section):
     train_text_encoder: bool = Field(False, description="Train the text encoder.")
     noise_offset: float = Field(0.0, ge=0.0, description="Offset noise strength (0 disables).")
     min_snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting gamma (e.g. 5); off when unset.")
+    lr_from: str | None = Field(
+        None,
+        description="A find-lr result (find_lr.json): sets lr from its recommendation, or for lr_scheduler = 'cyclic' "
+        "lr_min and lr from its lr_min and lr_max. Wins over lr/lr_min written next to it.",
+    )
 
 
 class OptimizerConfig(Section):
-    name: str = Field("adamw", description="Optimizer name (see README for the catalogue).")
-    weight_decay: float = Field(1e-2, ge=0.0, description="Decoupled weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam-style beta coefficients.")
-    eps: float = Field(1e-8, gt=0.0, description="Numerical stability term.")
+    """Common settings are typed here; any other key is passed to the optimizer and checked at load
+    against the settings its library accepts (difftune.optim.registry.check_optimizer_config)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
+
+    name: str = Field("adamw", description="Optimizer name (see docs/optimizers.md; kohya/OneTrainer spellings work).")
+    weight_decay: float | None = Field(None, ge=0.0, description="Weight decay; default: the optimizer's own (AdamW: 0.01).")
+    betas: tuple[float, ...] | None = Field(None, min_length=2, max_length=3, description="Beta coefficients (three for adan, came); default: the optimizer's own.")
+    eps: float | tuple[float, float] | None = Field(None, description="Numerical stability term (a pair for adafactor); default: the optimizer's own.")
+    stochastic_rounding: bool = Field(False, description="Round bf16 weight updates stochastically (needs train.weight_dtype = bf16).")
+    fused_back_pass: bool = Field(False, description="Step each parameter during backward and free its gradient (saves memory; grad_accum 1, no clip_grad_norm).")
 
 
 class ValidationConfig(Section):
@@ -117,8 +215,72 @@ class OutputConfig(Section):
         description="Full fine-tune exports: a diffusers folder, one original-layout model.safetensors "
         "(what A1111/Forge/ComfyUI load), or both.",
     )
+    lora_format: Literal["kohya", "diffusers", "both"] = Field(
+        "kohya",
+        description="LoRA-family exports: kohya/LyCORIS layout (ComfyUI, A1111/Forge, kohya), diffusers/PEFT layout "
+        "(pipeline.load_lora_weights), or both.",
+    )
     tensorboard: bool = Field(True, description="Write TensorBoard event files.")
     overwrite: bool = Field(False, description="Allow training into a run directory that already has metrics.")
+    save_best: bool = Field(False, description="Keep an export of the weights with the lowest validation loss in checkpoints/best.")
+
+
+class FindLRConfig(Section):
+    """`difftune find-lr`: an LR range test on the configured setup (docs/tuning.md)."""
+
+    start_lr: float | None = Field(None, gt=0.0, description="Lowest LR of the sweep; default: per optimizer and full vs LoRA.")
+    end_lr: float | None = Field(None, gt=0.0, description="Highest LR of the sweep; default: per optimizer and full vs LoRA.")
+    shape: Literal["log", "linear"] = Field(
+        "log", description="log: log-spaced stairs (equal resolution per decade); linear: the community's linear ramp."
+    )
+    num_points: int = Field(24, ge=5, description="Probe evaluations along the ramp.")
+    steps_per_point: int = Field(5, ge=1, description="Optimizer steps between two probe evaluations.")
+    extend: bool = Field(True, description="Keep sweeping past end_lr (up to 100x) while the loss is still falling (log shape).")
+    rule: Literal["default", "valley", "steepest", "midpoint", "min_div10"] = Field(
+        "default", description="How the recommended LR is read from the curve (docs/tuning.md compares them)."
+    )
+    probe: Literal["val", "train", "both"] = Field(
+        "val", description="Probe items: held-out images, a fixed subset of training images, or both pooled."
+    )
+    probe_items: int = Field(64, ge=4, description="At least this many fixed (image, noise, timestep) probe items: "
+                             "draws per image are raised to reach it.")
+    smoothing: float = Field(1.0, ge=0.0, description="Width (in points) of the Gaussian smoothing of the curve.")
+    bootstrap_samples: int = Field(200, ge=0, description="Resamples of the probe items for the LR band (0: no band).")
+    stop_factor: float = Field(4.0, gt=1.0, description="Stop the sweep once the loss exceeds this multiple of its best.")
+
+    @model_validator(mode="after")
+    def _range_increases(self) -> FindLRConfig:
+        if self.start_lr is not None and self.end_lr is not None and self.start_lr >= self.end_lr:
+            raise ValueError(f"find_lr.start_lr ({self.start_lr:g}) must be below find_lr.end_lr ({self.end_lr:g})")
+        return self
+
+
+class FindStepsConfig(Section):
+    """`difftune find-steps`: train at a constant LR and stop where the validation loss bottoms out."""
+
+    max_steps: int | None = Field(None, ge=1, description="Most steps to train; default: the configured run length.")
+    every_n_steps: int | None = Field(None, ge=1, description="Validate every N steps; default: 1/25 of max_steps.")
+    patience: int | None = Field(5, ge=1, description="Stop after N validations without a new best (None: off).")
+    gl_alpha: float | None = Field(5.0, gt=0.0, description="Stop when the validation loss is this many percent above "
+                                   "its best (Prechelt's GL_alpha; None: off).")
+    min_delta: float = Field(0.0, ge=0.0, description="Relative improvement that counts as a new best for patience.")
+    margin: float = Field(0.01, ge=0.0, description="Steps whose validation loss is within this fraction of the best "
+                          "form the reported step band.")
+
+
+class AutoConfig(Section):
+    """`difftune auto`: find-lr, then find-steps at its LR, then the final model and report.html."""
+
+    final_run: Literal["reuse", "retrain"] = Field(
+        "reuse",
+        description="reuse: the final model is find-steps' best checkpoint (training is deterministic, so a rerun to "
+        "that step gives the same weights); retrain: train again at the chosen LR and steps into <output.dir>/final.",
+    )
+    add_validation_back: bool = Field(
+        False,
+        description="Retrain the final model with the validation images added back (same number of epochs). Nothing "
+        "then measures that run: it trains blind.",
+    )
 
 
 class Config(Section):
@@ -130,6 +292,9 @@ class Config(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    find_lr: FindLRConfig = Field(default_factory=FindLRConfig)
+    find_steps: FindStepsConfig = Field(default_factory=FindStepsConfig)
+    auto: AutoConfig = Field(default_factory=AutoConfig)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
@@ -139,4 +304,6 @@ class Config(Section):
             raise ValueError("train.train_unet and train.train_text_encoder are both false: nothing would be trained")
         if self.data.keep_tokens and not self.data.shuffle_tags:
             raise ValueError("data.keep_tokens only has an effect with data.shuffle_tags = true")
+        if problem := network_rules.check_lora_format(self.output.lora_format, self.network.type, self.network.dora):
+            raise ValueError(problem)
         return self

@@ -31,7 +31,8 @@ from difftune.config.schema import Config
 from difftune.data.dataset import TrainBatches
 from difftune.models import load_model
 from difftune.network import build_network
-from difftune.optim.registry import build_optimizer, build_scheduler
+from difftune.optim.advice import describe_lr
+from difftune.optim.registry import build_optimizer, build_scheduler, effective_lrs
 from difftune.reporting.metrics import MetricsLog, read_metrics, truncate_metrics
 from difftune.reporting.plots import plot_run
 from difftune.reporting.progress import Progress
@@ -39,7 +40,7 @@ from difftune.reporting.samples import write_sample_grid
 from difftune.training.plan import Plan, make_plan
 from difftune.training.run_dir import RunDir, open_run_dir
 from difftune.training.step import draw_noise_and_timesteps, per_sample_loss, step_generator
-from difftune.training.validation import FixedProbe
+from difftune.training.validation import FixedProbe, ProbeResult
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,9 +59,13 @@ def train(config: Config, resume: str | Path | None = None, show_progress: bool 
 
 
 class Trainer:
-    def __init__(self, config: Config, resuming: bool = False, show_progress: bool = True, lr_multiplier=None):
-        """`lr_multiplier(step) -> float` replaces the configured schedule (the LR finder's ramp)."""
+    def __init__(self, config: Config, resuming: bool = False, show_progress: bool = True, lr_multiplier=None,
+                 early_stopping=None):
+        """`lr_multiplier(step) -> float` replaces the configured schedule (the LR finder's ramp);
+        `early_stopping.update(step, val_loss) -> bool` ends the run after a validation (the step finder's
+        rule, difftune.tuning.curve.EarlyStopping)."""
         self.config = config
+        self.early_stopping = early_stopping
         self.show_progress = show_progress
         self.plan: Plan = make_plan(config)  # data errors surface before any model loads
         self.accelerator = _make_accelerator(config)
@@ -69,7 +74,7 @@ class Trainer:
         self.network = build_network(self.model, config)
         self._place_modules()
         train = config.train
-        groups = self.network.param_groups(train.lr, train.text_encoder_lr if train.text_encoder_lr is not None else train.lr)
+        groups = self.network.param_groups(*effective_lrs(train))  # scale_lr applied
         self.optimizer = build_optimizer(config, groups)
         self.scheduler = (
             build_scheduler(config, self.optimizer, self.plan.total_steps)
@@ -85,6 +90,8 @@ class Trainer:
         self.state = TrainerState()
         if resuming:
             self._resume()
+            if hasattr(self.optimizer, "train"):
+                self.optimizer.train()  # schedule-free state was saved in eval mode (see _eval_weights)
 
     # ----------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
@@ -97,6 +104,8 @@ class Trainer:
         if state.step == 0 and self.val_probe is not None:
             baseline = self.validate()  # the step-0 point every curve starts from
             last_val = baseline.get("val_loss")
+            if self.early_stopping is not None:
+                self.early_stopping.update(0, last_val)  # a run that never beats the baseline stops too
             metrics.log({"step": 0, "epoch": 0.0, **baseline})
         for group in self.step_groups() if state.step < total else ():  # a finished run has nothing left
             loss = self.optimizer_step(group)
@@ -110,6 +119,11 @@ class Trainer:
             if self.val_probe is not None and _due(cfg.validation, state, epoch_done, finishing):
                 record.update(self.validate())
                 last_val = record["val_loss"]
+                if cfg.output.save_best and state.best_val_step == state.step:
+                    self._save("best", with_state=False)  # export only: resume keeps using the latest save
+                if self.early_stopping is not None and self.early_stopping.update(state.step, last_val):
+                    finishing = True  # ends like a normal run: final samples, final save, summary
+                    record["early_stop"] = self.early_stopping.reason
             if cfg.sample.prompts and _due(cfg.sample, state, epoch_done, finishing):
                 self._sample(checkpoint_name(state.step))
             metrics.log(record)  # before saving, so a resume from this save has this step's record
@@ -167,7 +181,8 @@ class Trainer:
         if cfg.train.clip_grad_norm is not None:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             accelerator.clip_grad_norm_(params, cfg.train.clip_grad_norm)
-        self.prepared_optimizer.step()
+        if not cfg.optimizer.fused_back_pass:  # fused: each parameter already stepped during backward
+            self.prepared_optimizer.step()
         self.scheduler.step()
         self.prepared_optimizer.zero_grad(set_to_none=True)
         return total_loss
@@ -180,6 +195,11 @@ class Trainer:
         return lrs
 
     # ------------------------------------------------------------------------------ periodic events
+    def evaluate_probe(self, probe: FixedProbe) -> ProbeResult:
+        """Per-item losses of any fixed probe under the weights validation sees (the tuners' raw data)."""
+        with self._eval_weights():
+            return probe.evaluate(self.model, self.accelerator.autocast)
+
     def validate(self) -> dict[str, float]:
         """Deterministic validation (and stabilized train) loss of the current weights."""
         out = {}
@@ -200,7 +220,7 @@ class Trainer:
                 self.run_dir.samples / f"{name}.png", title=f"{name}  seed {self.config.sample.seed}",
             )
 
-    def _save(self, name: str) -> None:
+    def _save(self, name: str, with_state: bool = True) -> None:
         output = self.config.output
         metadata = self._metadata()
         with self._eval_weights():
@@ -211,7 +231,7 @@ class Trainer:
                 trainable=self.network.state_dict() if output.save_state else None,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                trainer_state=self.state if output.save_state else None,
+                trainer_state=self.state if output.save_state and with_state else None,
             )
         if output.save_last_n:
             prune_checkpoints(self.run_dir.checkpoints, output.save_last_n)
@@ -237,7 +257,8 @@ class Trainer:
         trained = {id(m) for m in self.network.trained_modules()}
         for module in [self.model.unet, self.model.vae, *self.model.text_encoders]:
             frozen_dtype = weight_dtype if device.type == "cuda" else torch.float32
-            module.to(device, dtype=torch.float32 if id(module) in trained else frozen_dtype)
+            trained_dtype = torch.bfloat16 if self.config.train.weight_dtype == "bf16" else torch.float32
+            module.to(device, dtype=trained_dtype if id(module) in trained else frozen_dtype)
             module.train(id(module) in trained)
         if self.config.train.gradient_checkpointing:
             if id(self.model.unet) in trained or self.config.network.type:
@@ -265,12 +286,12 @@ class Trainer:
         truncate_metrics(self.run_dir.metrics, self.state.step)
 
     def _announce(self, progress: Progress) -> None:
-        plan, train = self.plan, self.config.train
+        plan = self.plan
         progress.write(
             f"difftune {__version__}: {self.model.family} ({self.model.prediction_type}) on {self.accelerator.device}, "
             f"{self.network.describe()['type']} training, {len(plan.train_records)} train / {len(plan.val_records)} val images, "
             f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, effective batch {plan.effective_batch_size}, "
-            f"lr {train.lr:g}" + (f" (resuming at step {self.state.step})" if self.state.step else "")
+            f"{describe_lr(self.config, plan.total_steps)}" + (f" (resuming at step {self.state.step})" if self.state.step else "")
         )
         for warning in plan.warnings:
             progress.write(f"warning: {warning}")
@@ -283,6 +304,8 @@ class Trainer:
             "epoch": str(self.state.epoch),
             "resolution": str(self.config.data.resolution),
             "train_images": str(len(self.plan.train_records)),
+            "train_samples": str(self.plan.samples_per_epoch),  # with repeats (kohya's ss_num_train_images)
+            "planned_epochs": str(self.plan.epochs),
         }
 
     # ------------------------------------------------------------------------------------- finish

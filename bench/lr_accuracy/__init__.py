@@ -1,0 +1,1 @@
+"""LR-finder accuracy benchmark: `python -m bench.lr_accuracy` (see run.py)."""

@@ -1,0 +1,103 @@
+"""One constant-LR training run and one LR sweep of a problem, each in its own process.
+
+Runs are cached as JSON under the work folder, so an interrupted benchmark continues where it stopped
+and the analysis can be redone without training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def _setup_process() -> None:
+    """One thread per process: the benchmark runs several processes on a shared 2-core machine, and
+    oversubscribed BLAS threads spin instead of working."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    import diffusers.utils.logging as dl
+    import transformers.utils.logging as tl
+
+    dl.set_verbosity_error()
+    tl.set_verbosity_error()
+
+
+def constant_run(problem_name: str, work: str, lr: float, seed: int, cache: str) -> dict[str, Any]:
+    """Train the problem at a constant `lr` for its step budget, validating 20 times; the best
+    validation loss over the run is what the grid compares (the step finder would stop there)."""
+    cache_path = Path(cache)
+    if cache_path.is_file():
+        return json.loads(cache_path.read_text())
+    _setup_process()
+    from bench.lr_accuracy.problems import PROBLEMS
+
+    from difftune.config.loading import validate_config
+    from difftune.training.loop import Trainer, TrainingDiverged
+
+    problem = PROBLEMS[problem_name]
+    data = problem.config(Path(work))
+    data["train"].update({"lr": lr, "seed": seed, "max_steps": problem.steps, "lr_scheduler": "constant"})
+    data["output"]["dir"] = str(Path(work) / "runs" / f"{problem_name}-lr{lr:g}-s{seed}")
+    config = validate_config(data, f"{problem_name} grid run")
+    started = time.perf_counter()
+    trainer = Trainer(config, show_progress=False)
+    every = max(1, problem.steps // 20)
+    curve = [(0, trainer.validate()["val_loss"])]
+    groups = trainer.step_groups()
+    diverged = False
+    train_seconds = 0.0
+    try:
+        for step in range(1, problem.steps + 1):
+            t0 = time.perf_counter()
+            group = next(groups)
+            trainer.optimizer_step(group)
+            trainer.state.step += 1
+            trainer.state.batch_in_epoch += len(group)
+            train_seconds += time.perf_counter() - t0
+            if step % every == 0 or step == problem.steps:
+                curve.append((step, trainer.validate()["val_loss"]))
+    except TrainingDiverged:
+        diverged = True
+    finite = [v for _, v in curve if math.isfinite(v)]
+    result = {
+        "problem": problem_name, "lr": lr, "seed": seed, "steps": problem.steps,
+        "curve": curve, "best_val_loss": min(finite) if finite and not diverged else math.inf,
+        "best_step": min(curve, key=lambda sv: sv[1])[0] if finite else None, "diverged": diverged,
+        "seconds": time.perf_counter() - started, "train_seconds": train_seconds,
+    }
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_text(json.dumps(result))
+    return result
+
+
+def sweep_run(problem_name: str, work: str, seed: int, shape: str, cache: str) -> dict[str, Any]:
+    """`difftune find-lr` on the problem (the real command's code path), with the problem's range."""
+    cache_path = Path(cache)
+    if cache_path.is_file():
+        return json.loads(cache_path.read_text())
+    _setup_process()
+    from bench.lr_accuracy.problems import PROBLEMS
+
+    from difftune.config.loading import validate_config
+    from difftune.tuning.lr_finder import find_lr
+
+    problem = PROBLEMS[problem_name]
+    data = problem.config(Path(work))
+    data["train"].update({"seed": seed, "max_steps": problem.steps})
+    data["find_lr"] = {**problem.find_lr, "shape": shape}
+    data["output"]["dir"] = str(Path(work) / "runs" / f"{problem_name}-sweep-{shape}-s{seed}")
+    config = validate_config(data, f"{problem_name} sweep")
+    started = time.perf_counter()
+    result = find_lr(config, show_progress=False)
+    result["bench"] = {"problem": problem_name, "seed": seed, "shape": shape, "seconds": time.perf_counter() - started}
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_text(json.dumps(result))
+    return result

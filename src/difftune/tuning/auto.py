@@ -1,0 +1,201 @@
+"""`difftune auto`: find-lr → find-steps → the final model → report.html.
+
+1. find-lr sweeps the LR on the configured setup and recommends a constant LR (`<output.dir>/find-lr/`).
+2. find-steps trains at that LR with early stopping and keeps the best weights (`<output.dir>/find-steps/`).
+3. The final model. Training is deterministic, so a rerun at the chosen LR to the best step would
+   reproduce find-steps' best checkpoint bit for bit; by default (`auto.final_run = "reuse"`) that
+   checkpoint *is* the final model and no compute is spent twice. `auto.final_run = "retrain"` trains
+   it again into `<output.dir>/final/`; `auto.add_validation_back = true` retrains with the validation
+   images added back (same number of epochs), which the community does to use every image, at the
+   price of a run nothing measures.
+4. `report.html` (and `auto.json`) in `<output.dir>` link the plots and say what was chosen and why.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from difftune.config.schema import Config
+from difftune.tuning.common import constant_lr_changes, format_lr, sub_config
+
+FINAL_FOLDER = "final"
+
+
+def auto(config: Config, show_progress: bool = True, log=print) -> dict[str, Any]:
+    """Run the whole search and return what auto.json holds."""
+    from difftune.checkpoint.atomic import atomic_write_json
+    from difftune.tuning import lr_finder, step_finder
+
+    started = time.perf_counter()
+    root = Path(config.output.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"output_dir": str(root), "status": "ok", "warnings": []}
+
+    log("== 1/3 find-lr ==")
+    lr_result = lr_finder.find_lr(config, show_progress=show_progress)
+    log(lr_finder.format_result(lr_result))
+    result["find_lr"] = lr_result
+    if lr_result["lr"] is None:
+        result["status"] = "stopped"
+        result["reason"] = f"find-lr could not recommend an LR: {lr_result['verdict']}"
+        return _finish(result, root, started, atomic_write_json)
+    if lr_result["status"] != "ok":
+        result["warnings"].append(f"find-lr: {lr_result['verdict']}")
+    lr = lr_result["lr"]
+
+    log(f"== 2/3 find-steps at lr {lr:.3g} ==")
+    steps_result = step_finder.find_steps(config, lr, show_progress=show_progress)
+    log(step_finder.format_result(steps_result))
+    result["find_steps"] = steps_result
+    if steps_result["status"] != "ok":
+        result["warnings"].append(f"find-steps: {steps_result['verdict']}")
+    best_step = steps_result["best_step"]
+    if not best_step:
+        result["status"] = "stopped"
+        result["reason"] = f"find-steps found no step that improves on the untrained model: {steps_result['verdict']}"
+        return _finish(result, root, started, atomic_write_json)
+
+    settings = config.auto
+    result["chosen"] = {"lr": lr, "steps": best_step}
+    if settings.final_run == "retrain" or settings.add_validation_back:
+        log("== 3/3 final run ==")
+        result["final"] = final_run(config, lr, best_step, steps_result, show_progress)
+        if settings.add_validation_back:
+            result["warnings"].append(
+                "the final run trained with the validation images added back: no validation loss measures it "
+                "(it trains blind); its step count keeps find-steps' number of epochs"
+            )
+    else:
+        log("== 3/3 final model: find-steps' best checkpoint (a rerun would give the same weights) ==")
+        result["final"] = {"mode": "reuse", "model": steps_result["best_checkpoint"], "steps": best_step,
+                           "val_loss": steps_result["best_loss"]}
+    return _finish(result, root, started, atomic_write_json)
+
+
+def final_run(config: Config, lr: float, best_step: int, steps_result: dict[str, Any], show_progress: bool) -> dict[str, Any]:
+    """Train the final model at the chosen LR and steps into `<output.dir>/final/`."""
+    from difftune.training.loop import train
+    from difftune.training.plan import make_plan
+
+    changes: dict[str, Any] = {"train": {**constant_lr_changes(config, lr), "max_steps": best_step, "max_epochs": None}}
+    steps = best_step
+    if config.auto.add_validation_back:
+        before = make_plan(config)
+        changes["data"] = {"val_split": 0.0, "val_dir": None}
+        added = sub_config(config, FINAL_FOLDER, **changes)
+        after = make_plan(added)
+        # The same passes over each image: more images per epoch means proportionally more steps.
+        steps = max(1, math.ceil(best_step * after.steps_per_epoch / before.steps_per_epoch))
+        changes["train"]["max_steps"] = steps
+    final_config = sub_config(config, FINAL_FOLDER, **changes)
+    summary = train(final_config, show_progress=show_progress)
+    model = Path(final_config.output.dir) / "checkpoints" / "final"
+    return {
+        "mode": "retrain_with_validation_images" if config.auto.add_validation_back else "retrain",
+        "model": str(model), "steps": steps, "run_dir": final_config.output.dir,
+        "val_loss": summary.get("final_val_loss"),
+    }
+
+
+def _finish(result: dict[str, Any], root: Path, started: float, write_json) -> dict[str, Any]:
+    result["seconds"] = time.perf_counter() - started
+    result["files"] = {"report": str(root / "report.html"), "json": str(root / "auto.json")}
+    (root / "report.html").write_text(render_report(result, root), encoding="utf-8")
+    write_json(root / "auto.json", result)
+    return result
+
+
+def _rel(path: str | None, root: Path) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return Path(path).resolve().as_uri()
+
+
+def render_report(result: dict[str, Any], root: Path) -> str:
+    """A self-contained HTML page: chosen values, why, the plots, costs and where the files are."""
+    e = html.escape
+    lr_r, st_r = result.get("find_lr") or {}, result.get("find_steps") or {}
+    rows = []
+    if lr_r:
+        band = lr_r.get("lr_band")
+        rows += [
+            ("learning rate", format_lr(lr_r.get("lr")),
+             f"{lr_r.get('rule')} rule on the find-lr curve; verdict: {lr_r.get('verdict')}"),
+            ("LR band (10/50/90%)", " / ".join(format_lr(x) for x in band) if band else "n/a",
+             "bootstrap over the probe items: how much the recommendation depends on which items were measured"),
+            ("lr_min / lr_max", f"{format_lr(lr_r.get('lr_min'))} / {format_lr(lr_r.get('lr_max'))}",
+             "where the probe loss starts to fall / where the fall ends (use both for train.lr_scheduler = 'cyclic' "
+             "with train.lr_from)"),
+        ]
+    if st_r:
+        band = st_r.get("step_band")
+        rows += [
+            ("steps", str(st_r.get("best_step")), f"lowest validation loss ({st_r.get('best_loss')}); {st_r.get('verdict')}"),
+            ("steps within margin", f"{band[0]}..{band[1]}" if band else "n/a",
+             f"validation loss within {100 * st_r.get('margin', 0):g}% of the best"),
+            ("early stop", e(str(st_r.get("early_stop") or "none: trained to max_steps")), "patience / Prechelt GL_alpha"),
+        ]
+    final = result.get("final")
+    if final:
+        rows.append(("final model", final.get("model") or "n/a", f"mode: {final.get('mode')}"))
+    table = "\n".join(f"<tr><th>{e(k)}</th><td><b>{e(str(v))}</b></td><td>{e(str(why))}</td></tr>" for k, v, why in rows)
+    images = []
+    for title, path in (
+        ("find-lr: probe loss against LR", lr_r.get("files", {}).get("plot")),
+        ("find-steps: validation loss against step", st_r.get("files", {}).get("plot")),
+        ("find-steps run: losses and LR", str(Path(st_r["run_dir"]) / "plots" / "loss.png") if st_r.get("run_dir") else None),
+    ):
+        rel = _rel(path, root)
+        if rel and Path(path).is_file():
+            images.append(f'<h3>{e(title)}</h3><a href="{e(rel)}"><img src="{e(rel)}" style="max-width:100%"></a>')
+    costs = []
+    if lr_r.get("cost"):
+        c = lr_r["cost"]
+        frac = c.get("fraction_of_training_run")
+        costs.append(f"find-lr: {c['steps']} steps + {c['probe_evaluations']} probe evaluations, {c['seconds']:.1f}s"
+                     + (f" (~{100 * frac:.0f}% of one configured training run)" if frac is not None else ""))
+    if st_r.get("cost"):
+        costs.append(f"find-steps: {st_r['cost']['steps']} steps, {st_r['cost']['seconds']:.1f}s")
+    warnings = "".join(f"<li>{e(w)}</li>" for w in result.get("warnings", []))
+    status = result.get("reason") or "done"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>difftune auto report</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}</style>
+</head><body>
+<h1>difftune auto</h1>
+<p>Status: <b>{e(result.get("status", ""))}</b> — {e(status)}. Total time {result.get("seconds", 0):.1f}s.</p>
+<table><tr><th>setting</th><th>value</th><th>why</th></tr>
+{table}
+</table>
+{f"<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else ""}
+<h2>Plots</h2>
+{"".join(images) or "<p>none</p>"}
+<h2>Cost</h2><ul>{"".join(f"<li>{e(c)}</li>" for c in costs)}</ul>
+<h2>Files</h2><ul>
+<li>find-lr: {e(str(lr_r.get("files", {}).get("json", "n/a")))}</li>
+<li>find-steps: {e(str(st_r.get("files", {}).get("json", "n/a")))}</li>
+<li>machine-readable summary: auto.json</li>
+</ul>
+<p>Method: docs/tuning.md in the difftune repository.</p>
+</body></html>
+"""
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = [f"auto: {result['status']}" + (f" — {result['reason']}" if result.get("reason") else "")]
+    if result.get("chosen"):
+        lines.append(f"chosen: lr {result['chosen']['lr']:.3g}, {result['chosen']['steps']} steps")
+    if result.get("final"):
+        lines.append(f"final model ({result['final']['mode']}): {result['final']['model']}")
+    for warning in result.get("warnings", []):
+        lines.append(f"warning: {warning}")
+    lines.append(f"report: {result['files']['report']}")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""What the tuners share: derived configs for their sub-runs, and small helpers.
+
+Every tuner trains the user's real setup (same model, network, optimizer, batch, precision, data),
+built by the same `Trainer` a training run uses, but writes under its own sub-folder of `output.dir`
+(`find-lr/`, `find-steps/`, `final/`), so a run the user already has there is never touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from difftune.config.schema import Config
+
+
+def sub_config(config: Config, folder: str, **sections: dict[str, Any]) -> Config:
+    """A copy of `config` writing to `<output.dir>/<folder>`, with some keys changed per section.
+
+    The copy is re-validated, so a change that makes the config invalid fails here with the key.
+    """
+    from difftune.config.loading import config_to_dict, validate_config
+
+    data = config_to_dict(config)
+    data["output"]["dir"] = str(Path(config.output.dir) / folder)
+    data["output"]["overwrite"] = True  # a tuner's own folder is redone on every call
+    for section, values in sections.items():
+        target = data.setdefault(section, {})
+        for key, value in values.items():
+            if value is None:
+                target.pop(key, None)
+            else:
+                target[key] = value
+    return validate_config(data, f"{folder} config derived from {config.output.dir}")
+
+
+def constant_lr_changes(config: Config, lr: float) -> dict[str, Any]:
+    """`train` keys that train at a constant `lr` (the text encoder keeps its ratio to the UNet's LR).
+
+    Warmup is kept: it is part of the user's setup, and the step finder's curve must describe the final
+    run exactly (same schedule, same steps).
+    """
+    train = config.train
+    changes: dict[str, Any] = {"lr": lr, "lr_scheduler": "constant", "lr_from": None}
+    if train.text_encoder_lr is not None:
+        changes["text_encoder_lr"] = train.text_encoder_lr * lr / train.lr
+    return changes
+
+
+def is_full_finetune(config: Config) -> bool:
+    return config.network.type in (None, "none", "full")
+
+
+def format_lr(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"

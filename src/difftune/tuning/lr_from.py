@@ -1,0 +1,49 @@
+"""`train.lr_from = "runs/x/find-lr/find_lr.json"`: take the LR (or cyclic bounds) from a find-lr result.
+
+Resolved once when the config is validated, so everything downstream (doctor, schedule preview, the
+resolved config in the run directory) sees the numbers actually trained with. For
+`train.lr_scheduler = "cyclic"` the schedule cycles between the sweep's bounds (Smith's cyclical
+learning rates take exactly these from a range test): `train.lr_min` = lr_min, `train.lr` = lr_max.
+Any other schedule uses the recommended `lr` as its peak.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from difftune.config.schema import Config
+
+
+def apply_lr_from(config: Config, source: str) -> None:
+    """Set train.lr (and train.lr_min for cyclic) from the file in train.lr_from; ConfigError if unusable."""
+    from difftune.config.loading import ConfigError
+
+    path_text = config.train.lr_from
+    if not path_text:
+        return
+    key = f"{source}: train.lr_from = {path_text!r}"
+    path = Path(path_text).expanduser()
+    if path.is_dir():  # a run or find-lr folder is accepted too
+        candidates = [path / "find_lr.json", path / "find-lr" / "find_lr.json"]
+        path = next((c for c in candidates if c.is_file()), candidates[0])
+    if not path.is_file():
+        raise ConfigError(f"{key}: file not found (expected the find_lr.json that `difftune find-lr` writes)")
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{key}: not a readable find-lr result: {e}") from None
+    if not isinstance(result, dict) or "lr" not in result:
+        raise ConfigError(f"{key}: not a find-lr result (no 'lr' key; expected the find_lr.json of `difftune find-lr`)")
+    if config.train.lr_scheduler == "cyclic":
+        low, high = result.get("lr_min"), result.get("lr_max")
+        if not (low and high and low < high):
+            raise ConfigError(
+                f"{key}: train.lr_scheduler = 'cyclic' needs lr_min < lr_max from the sweep, the file has "
+                f"lr_min = {low}, lr_max = {high} (verdict: {result.get('verdict')})"
+            )
+        config.train.lr_min, config.train.lr = float(low), float(high)
+        return
+    if not result["lr"]:
+        raise ConfigError(f"{key}: that sweep recommends no LR (verdict: {result.get('verdict')})")
+    config.train.lr = float(result["lr"])

@@ -1,0 +1,299 @@
+"""find-lr, find-steps, auto: the curve analysis on synthetic curves, early stopping, lr_from, and each
+command end to end on the tiny model (user's files untouched, JSON keys, plots, best checkpoint)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import tomli_w
+import torch
+from safetensors.torch import load_file
+
+from conftest import quick_config_dict
+from difftune.cli.main import main
+from difftune.config.loading import ConfigError, validate_config
+from difftune.tuning.curve import (
+    EarlyStopping,
+    analyze_lr_sweep,
+    analyze_steps,
+    bucket_scores,
+    curve_features,
+    noise_level,
+    rule_steepest,
+    rule_valley,
+    should_stop,
+)
+
+BUCKET_SCALES = np.array([2.0, 1.0, 0.5, 0.2, 0.1])  # diffusion loss differs ~20x across noise levels
+
+
+def synthetic_sweep(relative_loss, lrs, items=80, item_noise=0.01, seed=0):
+    """Probe losses whose every item follows `relative_loss(lr)` times its own baseline, plus noise."""
+    rng = np.random.default_rng(seed)
+    buckets = np.arange(items) % 5
+    baseline = BUCKET_SCALES[buckets] * (1 + 0.2 * rng.standard_normal(items)).clip(0.5)
+    factors = np.array([relative_loss(lr) for lr in lrs])
+    losses = baseline[None, :] * factors[:, None] * (1 + item_noise * rng.standard_normal((len(lrs), items)))
+    return losses, baseline, buckets
+
+
+def u_shape(lr):
+    """Falls by 60% between ~3e-5 and ~3e-4 (centre 1e-4), flat, then climbs past ~1e-2."""
+    x = math.log10(lr)
+    fall = 0.6 / (1 + math.exp(-(x + 4) / 0.2))
+    rise = 3.0 / (1 + math.exp(-(x + 1.7) / 0.15))
+    return 1.0 - fall + rise
+
+
+LRS = np.geomspace(1e-6, 1e-1, 31)
+
+
+# --------------------------------------------------------------------------------------------- score
+def test_bucket_score_weighs_every_noise_level_equally():
+    buckets = np.array([0, 0, 1, 1])
+    baseline = np.array([10.0, 10.0, 0.1, 0.1])
+    # The high-loss bucket halves, the low-loss bucket is unchanged: a plain mean would say -50%.
+    losses = np.array([[5.0, 5.0, 0.1, 0.1]])
+    assert bucket_scores(losses, baseline, buckets)[0] == pytest.approx(0.75)
+    assert losses.mean() / baseline.mean() == pytest.approx(0.505, abs=1e-3)
+    assert math.isinf(bucket_scores(np.array([[np.nan, 1, 1, 1.0]]), baseline, buckets)[0])
+
+
+def test_noise_level_ignores_a_linear_trend():
+    rng = np.random.default_rng(0)
+    trend = np.linspace(1, 0, 200)
+    assert noise_level(trend) == pytest.approx(0, abs=1e-9)
+    assert noise_level(trend + 0.05 * rng.standard_normal(200)) == pytest.approx(0.05, rel=0.2)
+
+
+# -------------------------------------------------------------------------------------------- rules
+def test_u_shaped_curve_gives_ordered_bounds_and_a_recommendation_between_them():
+    losses, baseline, buckets = synthetic_sweep(u_shape, LRS)
+    a = analyze_lr_sweep(LRS, losses, baseline, buckets, bootstrap_samples=100)
+    assert a.status == "ok", a.verdict
+    # The fall starts around 3e-5 (1.3% down at 2.2e-5) and ends around 3e-4 (within noise of the floor).
+    assert 1e-5 <= a.lr_min <= 6e-5
+    assert 2e-4 <= a.lr_max <= 2e-3
+    assert a.lr_min < a.lr < a.lr_max
+    assert a.lr_band[0] <= a.lr <= a.lr_band[2]
+    # Every rule reads the same curve; steepest lands on the sigmoid's centre (1e-4).
+    assert a.suggestions["steepest"] == pytest.approx(1e-4, rel=0.5)
+    assert a.suggestions["midpoint"] == pytest.approx(math.sqrt(a.lr_min * a.lr_max))
+    assert a.suggestions["min_div10"] == pytest.approx(a.lr_at_minimum / 10)
+    assert a.lr_min < a.suggestions["valley"] < a.lr_max
+
+
+def test_valley_is_the_middle_of_the_longest_decreasing_run():
+    lrs = np.geomspace(1e-5, 1e-1, 9)
+    score = np.array([1.0, 1.01, 0.9, 0.8, 0.7, 0.6, 0.5, 0.9, 2.0])  # decreasing run: points 1..6
+    f = curve_features(lrs, score, sigma=0)
+    assert rule_valley(f) == pytest.approx(lrs[3])
+    assert rule_steepest(f) == pytest.approx(lrs[2])  # the biggest drop per log-LR is 1.01 -> 0.9
+
+
+def test_loss_that_never_falls_is_unusable_and_says_raise_the_range():
+    losses, baseline, buckets = synthetic_sweep(lambda lr: 1.0, LRS, item_noise=0.002)
+    a = analyze_lr_sweep(LRS, losses, baseline, buckets)
+    assert a.status == "unusable" and a.lr is None and a.lr_band is None
+    assert "never fell" in a.verdict and "raise the range" in a.verdict
+
+
+def test_divergence_at_the_first_point_says_lower_it():
+    losses, baseline, buckets = synthetic_sweep(lambda lr: 1.0, LRS[:3])
+    losses[0] = np.nan
+    a = analyze_lr_sweep(LRS[:3], losses, baseline, buckets)
+    assert a.status == "unusable" and "diverged at the first point" in a.verdict and "lower" in a.verdict
+    losses, baseline, buckets = synthetic_sweep(lambda lr: 3.0, LRS[:5])  # finite but far above the start
+    assert "diverged at the first point" in analyze_lr_sweep(LRS[:5], losses, baseline, buckets).verdict
+
+
+def test_noisy_plateau_is_reported_as_noise_not_as_a_result():
+    # A 1.5% drift under 5% point-to-point noise (every item of a point moves together, like training noise).
+    rng = np.random.default_rng(1)
+    point_noise = 1 + 0.05 * rng.standard_normal(len(LRS))
+    losses, baseline, buckets = synthetic_sweep(lambda lr: 1.0 - 0.015 * (math.log10(lr) + 6) / 5, LRS, item_noise=0.0)
+    a = analyze_lr_sweep(LRS, losses * point_noise[:, None], baseline, buckets)
+    assert a.status == "unusable" and "noisy plateau" in a.verdict
+
+
+def test_still_falling_at_the_end_is_a_warning_with_advice():
+    lrs = LRS[:18]  # stops at ~4.6e-4, before the U-shape's floor is reached
+    losses, baseline, buckets = synthetic_sweep(lambda lr: 1.0 - 0.6 * (math.log10(lr) + 6) / 3, lrs)
+    a = analyze_lr_sweep(lrs, losses, baseline, buckets)
+    assert a.status == "warning" and "still falling" in a.verdict and "end_lr" in a.verdict
+    assert a.lr is not None
+
+
+def test_bootstrap_band_covers_the_noise_free_answer():
+    """Over independent noisy probes, the 10-90% band holds the noise-free recommendation most of the time."""
+    clean = synthetic_sweep(u_shape, LRS, item_noise=0.0)
+    truth = analyze_lr_sweep(LRS, *clean, bootstrap_samples=0).lr
+    covered = 0
+    for seed in range(12):
+        losses, baseline, buckets = synthetic_sweep(u_shape, LRS, items=60, item_noise=0.08, seed=seed)
+        band = analyze_lr_sweep(LRS, losses, baseline, buckets, bootstrap_samples=100, seed=seed).lr_band
+        covered += band[0] <= truth <= band[2]
+    assert covered >= 8
+
+
+def test_sweep_stops_on_nan_on_4x_and_on_climbing_back_above_the_start():
+    assert should_stop([1.0, 0.8, 0.7]) is None
+    assert "nan" in should_stop([1.0, 0.8, float("nan")])
+    assert "4x" in should_stop([1.0, 0.2, 0.9])
+    assert "above its starting value" in should_stop([1.0, 0.6, 1.05])
+    assert should_stop([1.0, 1.005, 1.02]) is None  # never fell: not a climb back
+
+
+# --------------------------------------------------------------------------------------------- steps
+def test_early_stopping_patience_and_generalization_loss():
+    stopper = EarlyStopping(patience=3, gl_alpha=None)
+    flat = [1.0, 0.8, 0.7, 0.71, 0.70, 0.705]
+    assert [stopper.update(i, v) for i, v in enumerate(flat)] == [False] * 5 + [True]
+    assert stopper.best_step == 2 and "patience 3" in stopper.reason
+    # GL5: 6% above the best stops at once, long before patience would.
+    stopper = EarlyStopping(patience=10, gl_alpha=5.0)
+    assert [stopper.update(i, v) for i, v in enumerate([1.0, 0.5, 0.52, 0.51])] == [False] * 4  # 4% above: GL5 waits
+    assert stopper.generalization_loss(0.53) == pytest.approx(6.0)
+    assert stopper.update(4, 0.53) is True and "GL = 6.0%" in stopper.reason
+    assert EarlyStopping(patience=None, gl_alpha=5).update(0, float("inf")) is True
+    with pytest.raises(ValueError):
+        EarlyStopping(patience=None, gl_alpha=None)
+
+
+def test_step_analysis_best_step_band_and_verdicts():
+    a = analyze_steps([0, 10, 20, 30, 40, 50], [1.0, 0.5, 0.402, 0.40, 0.403, 0.45], margin=0.01)
+    assert (a.best_step, a.step_band, a.earliest_good_step, a.status) == (30, [20, 40], 20, "ok")
+    assert analyze_steps([0, 10, 20], [1.0, 0.8, 0.7]).status == "warning"  # still falling
+    assert "never improved" in analyze_steps([0, 10], [1.0, 1.2]).verdict
+
+
+# ------------------------------------------------------------------------------------------- lr_from
+def test_lr_from_sets_lr_or_cyclic_bounds(tmp_path):
+    result = tmp_path / "find_lr.json"
+    result.write_text(json.dumps({"lr": 3e-4, "lr_min": 5e-5, "lr_max": 2e-3, "verdict": "ok"}))
+    assert validate_config({"train": {"lr_from": str(result)}}).train.lr == pytest.approx(3e-4)
+    cyclic = validate_config({"train": {"lr_from": str(tmp_path), "lr_scheduler": "cyclic"}})  # folder works too
+    assert (cyclic.train.lr_min, cyclic.train.lr) == (pytest.approx(5e-5), pytest.approx(2e-3))
+    with pytest.raises(ConfigError, match="train.lr_from = .*missing.json.*file not found"):
+        validate_config({"train": {"lr_from": str(tmp_path / "missing.json")}})
+    result.write_text(json.dumps({"lr": None, "lr_min": None, "lr_max": None, "verdict": "the loss never fell"}))
+    with pytest.raises(ConfigError, match="recommends no LR .*never fell"):
+        validate_config({"train": {"lr_from": str(result)}})
+
+
+# -------------------------------------------------------------------------------------- integration
+def tree_digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(path.relative_to(folder).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def model_folder(tmp_path_factory):
+    """The tiny model as a diffusers folder on disk, to check that tuning never writes to the user's model."""
+    from difftune.config.schema import ModelConfig
+    from difftune.models import load_model
+
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    load_model(ModelConfig(path="tiny-sd")).save_pretrained(folder)
+    return folder
+
+
+SWEEP = {"start_lr": 1e-5, "end_lr": 0.3, "num_points": 10, "steps_per_point": 2, "bootstrap_samples": 50,
+         "probe_items": 24}
+
+
+def test_find_lr_command_leaves_the_users_model_and_run_untouched(digits_dir, model_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')  # an existing run of the user's
+    data = quick_config_dict(digits_dir, run, model={"path": str(model_folder)}, find_lr=SWEEP)
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(data))
+    model_before, run_before = tree_digest(model_folder), tree_digest(run)
+    code = main(["find-lr", str(config), "--no-progress", "--json", str(tmp_path / "out.json")])
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert code == 0, out
+    for key in ("lr_min", "lr_max", "lr", "lr_band", "curve", "rule", "verdict", "status", "cost", "suggestions"):
+        assert key in result
+    assert result["lr_min"] < result["lr"] < result["lr_max"]
+    assert result["lr_band"][0] <= result["lr_band"][1] <= result["lr_band"][2]
+    assert result["curve"][0]["lr"] == pytest.approx(1e-5) and result["curve"][0]["score"] < 1.01
+    assert 0 < result["cost"]["steps"] <= 10 * 2 and result["cost"]["fraction_of_training_run"] > 0
+    assert "recommended lr" in out and "lr_min" in out
+    folder = run / "find-lr"
+    for name in ("find_lr.json", "curve.csv", "find_lr.png", "probe_losses.npz"):
+        assert (folder / name).is_file(), name
+    assert (folder / "curve.csv").read_text().splitlines()[0].startswith("point,lr,step,train_loss,score")
+    assert tree_digest(model_folder) == model_before
+    # The user's own run files are byte-identical; only the find-lr/ subfolder was added.
+    assert tree_digest(run) != run_before and (run / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    assert sorted(p.name for p in run.iterdir()) == ["find-lr", "metrics.jsonl"]
+
+
+def test_sweep_restores_weights_and_optimizer_for_reuse(quick_config):
+    from difftune.training.loop import Trainer
+    from difftune.tuning.lr_finder import Ramp, ramp, run_sweep
+
+    config = quick_config(find_lr={**SWEEP, "num_points": 5, "extend": False})
+    point_lrs, step_lrs = ramp(1e-4, 1e-2, 5, 2, "log")
+    ramp_fn = Ramp(step_lrs, config.train.lr)
+    trainer = Trainer(config, show_progress=False, lr_multiplier=ramp_fn)
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    raw = run_sweep(trainer, config, ramp_fn, point_lrs)
+    assert raw["steps"] == 10 and raw["item_losses"].shape == (5, raw["probe_items"])
+    after = trainer.network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert trainer.state.step == 0 and not trainer.optimizer.state  # fresh AdamW state again
+
+
+def test_find_steps_stops_early_and_keeps_the_best_checkpoint(digits_dir, tmp_path, capsys):
+    data = quick_config_dict(digits_dir, tmp_path / "run", train={"max_steps": 60},
+                             find_steps={"every_n_steps": 3, "patience": 2, "gl_alpha": 2.0})
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(data))
+    # 0.05 is far too high for AdamW on this model: the loss rises after a few steps and the rule stops it.
+    assert main(["find-steps", str(config), "--lr", "0.05", "--no-progress", "--json", str(tmp_path / "s.json")]) in (0, 1)
+    result = json.loads((tmp_path / "s.json").read_text())
+    for key in ("best_step", "best_loss", "step_band", "early_stop", "curve", "best_checkpoint", "lr"):
+        assert key in result
+    assert result["lr"] == 0.05 and result["stopped_at"] < 60 and result["early_stop"]
+    out = capsys.readouterr().out
+    assert "stopped early" in out
+    run = tmp_path / "run" / "find-steps"
+    assert (run / "find_steps.png").is_file() and (run / "metrics.jsonl").is_file()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("early_stop" in r for r in metrics)
+    if result["best_step"]:
+        assert (run / "checkpoints" / "best" / "unet").is_dir()
+        assert not (run / "checkpoints" / "best" / "training_state").exists()  # export only
+
+
+def test_auto_end_to_end_and_the_final_model_equals_the_best_checkpoint(digits_dir, tmp_path, capsys):
+    data = quick_config_dict(
+        digits_dir, tmp_path / "run", train={"max_steps": 24},
+        find_lr=SWEEP, find_steps={"every_n_steps": 4}, auto={"final_run": "retrain"},
+    )
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(data))
+    code = main(["auto", str(config), "--no-progress", "--json", str(tmp_path / "a.json")])
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert code == 0, out
+    assert result["chosen"]["lr"] == result["find_lr"]["lr"]
+    assert result["chosen"]["steps"] == result["find_steps"]["best_step"]
+    assert result["find_steps"]["lr"] == result["find_lr"]["lr"]
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "find-lr/find_lr.png" in report and "find-steps/find_steps.png" in report and "learning rate" in report
+    # Deterministic training: retraining to the best step reproduces find-steps' best weights exactly.
+    best = load_file(tmp_path / "run" / "find-steps" / "checkpoints" / "best" / "unet" / "diffusion_pytorch_model.safetensors")
+    final = load_file(tmp_path / "run" / "final" / "checkpoints" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+    assert "chosen: lr" in out and "report:" in out

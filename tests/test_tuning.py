@@ -17,6 +17,7 @@ from conftest import quick_config_dict
 from difftune.cli.main import main
 from difftune.config.loading import ConfigError, validate_config
 from difftune.tuning.curve import (
+    EDGE_DIVISOR,
     EarlyStopping,
     analyze_lr_sweep,
     analyze_steps,
@@ -78,8 +79,13 @@ def test_u_shaped_curve_gives_ordered_bounds_and_a_recommendation_between_them()
     # The fall starts around 3e-5 (1.3% down at 2.2e-5) and ends around 3e-4 (within noise of the floor).
     assert 1e-5 <= a.lr_min <= 6e-5
     assert 2e-4 <= a.lr_max <= 2e-3
-    assert a.lr_min < a.lr < a.lr_max
+    # The climb crosses the start near 1.2e-2 (rise > 0.6 where log10 lr > -1.91): that is the stability
+    # edge, and the default rule trains a fixed factor below it, above where the sweep's fall flattened.
+    assert 0.7e-2 <= a.lr_edge <= 2e-2
+    assert a.lr == pytest.approx(a.lr_edge / EDGE_DIVISOR)
+    assert a.lr_min < a.lr < a.lr_edge
     assert a.lr_band[0] <= a.lr <= a.lr_band[2]
+    assert a.lr_band[2] / a.lr_band[0] >= LRS[1] / LRS[0] * 0.99  # at least the sweep's resolution wide
     # Every rule reads the same curve; steepest lands on the sigmoid's centre (1e-4).
     assert a.suggestions["steepest"] == pytest.approx(1e-4, rel=0.5)
     assert a.suggestions["midpoint"] == pytest.approx(math.sqrt(a.lr_min * a.lr_max))
@@ -223,7 +229,9 @@ def test_find_lr_command_leaves_the_users_model_and_run_untouched(digits_dir, mo
     assert code == 0, out
     for key in ("lr_min", "lr_max", "lr", "lr_band", "curve", "rule", "verdict", "status", "cost", "suggestions"):
         assert key in result
-    assert result["lr_min"] < result["lr"] < result["lr_max"]
+    assert result["lr_min"] < result["lr_max"]
+    edge = result["lr_edge"] or result["curve"][-1]["lr"]  # without divergence the last point stands in
+    assert result["lr"] == pytest.approx(edge / EDGE_DIVISOR)
     assert result["lr_band"][0] <= result["lr_band"][1] <= result["lr_band"][2]
     assert result["curve"][0]["lr"] == pytest.approx(1e-5) and result["curve"][0]["score"] < 1.01
     assert 0 < result["cost"]["steps"] <= 10 * 2 and result["cost"]["fraction_of_training_run"] > 0

@@ -188,34 +188,45 @@ def _shapes_v(work: Path) -> dict[str, Any]:
     return _common(work / "data" / "shapes", work / "runs" / "shapes-v", model={"path": "tiny-sd-v"})
 
 
+def _shapes_lion(work: Path) -> dict[str, Any]:
+    return _common(work / "data" / "shapes", work / "runs" / "shapes-lion", optimizer={"name": "lion"})
+
+
 PROBLEMS: dict[str, Problem] = {
     p.name: p
     for p in [
         Problem(
             "digits-full",
             "full fine-tune of the built-in tiny model (epsilon) on 200 handwritten digits, 16 px, batch 8",
-            steps=200, grid=geometric_grid(5e-4, 2.0, 8), config=_digits_full, prepare=_prepare_digits_full,
+            steps=200, grid=geometric_grid(5e-4, 2**0.5, 13), config=_digits_full, prepare=_prepare_digits_full,
             find_lr={"start_lr": 1e-6, "end_lr": 1e-1},
         ),
         Problem(
             "lora-concept",
             "LoRA (rank 8) on a tiny base pre-trained on digits 0-6, learning a concept it never saw: "
             "coloured shapes (30 train / 10 val images), batch 4",
-            steps=150, grid=geometric_grid(1e-3, 2.0, 8), config=_lora_concept, prepare=_prepare_lora_concept,
+            steps=150, grid=geometric_grid(1e-3, 2**0.5, 15), config=_lora_concept, prepare=_prepare_lora_concept,
             needs="lora", find_lr={"start_lr": 1e-6, "end_lr": 1e-1},
         ),
         Problem(
             "shapes-v",
             "full fine-tune of the built-in tiny v-prediction model on 200 synthetic coloured shapes, 16 px, batch 8",
-            steps=200, grid=geometric_grid(5e-4, 2.0, 8), config=_shapes_v, prepare=_prepare_shapes,
+            steps=200, grid=geometric_grid(5e-4, 2**0.5, 13), config=_shapes_v, prepare=_prepare_shapes,
             find_lr={"start_lr": 1e-6, "end_lr": 1e-1},
         ),
         Problem(
             "full-concept",
             "full fine-tune of the same pre-trained base on the held-back digits 7-9 drawn dark on white "
             "(30 train / 10 val), batch 4",
-            steps=150, grid=geometric_grid(1e-4, 2.0, 8), config=_full_concept, prepare=_prepare_full_concept,
+            steps=150, grid=geometric_grid(2.5e-5, 2**0.5, 15), config=_full_concept, prepare=_prepare_full_concept,
             find_lr={"start_lr": 1e-7, "end_lr": 1e-1},
+        ),
+        Problem(
+            "shapes-lion",
+            "held out (added after the default rule's factor was fixed on the four above): full fine-tune of "
+            "the tiny model (epsilon) on the 200 shapes with the Lion optimizer, batch 8",
+            steps=200, grid=geometric_grid(1e-4, 2**0.5, 13), config=_shapes_lion, prepare=_prepare_shapes,
+            find_lr={"start_lr": 1e-7, "end_lr": 1e-2},
         ),
     ]
 }

@@ -247,6 +247,8 @@ class FindLRConfig(Section):
     smoothing: float = Field(1.0, ge=0.0, description="Width (in points) of the Gaussian smoothing of the curve.")
     bootstrap_samples: int = Field(200, ge=0, description="Resamples of the probe items for the LR band (0: no band).")
     stop_factor: float = Field(4.0, gt=1.0, description="Stop the sweep once the loss exceeds this multiple of its best.")
+    edge_divisor: float = Field(3.5, gt=1.0, description="The default rule trains this factor below the LR where the "
+                                "sweep diverged (measured in bench/lr_accuracy); raise it for a more cautious LR.")
 
     @model_validator(mode="after")
     def _range_increases(self) -> FindLRConfig:

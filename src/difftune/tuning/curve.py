@@ -23,6 +23,7 @@ per-item probe losses into a decision:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -140,6 +141,17 @@ class CurveFeatures:
     """lr_max: the LR where the smoothed curve reaches the flat level (log-interpolated)."""
     rose_after: bool
     """The curve climbs clearly above its minimum after it, or diverged (NaN/inf, back above the start)."""
+    edge: int | None = None
+    """Index of the first point after the minimum that diverged (see `_edge_index`): the LR is now too
+    high for training to keep its progress. None: it never happened within the sweep."""
+
+    @property
+    def lr_edge(self) -> float | None:
+        """The stability edge: geometric middle of the last point before `edge` and `edge` itself (it lies
+        somewhere in that bracket; the sweep cannot say where)."""
+        if self.edge is None or self.edge == 0:
+            return None
+        return float(math.sqrt(self.lrs[self.edge - 1] * self.lrs[self.edge]))
 
     @property
     def log_lrs(self) -> np.ndarray:
@@ -208,9 +220,26 @@ def curve_features(lrs: np.ndarray, score: np.ndarray, sigma: float = 1.0) -> Cu
             lr_flat = _crossing(lrs, s, flat, level)
         if min_index < usable - 1 and np.max(s[min_index:]) > s[min_index] + floor:
             rose_after = True
+    edge = _edge_index(score, s, min_index, floor) if onset is not None else None
     return CurveFeatures(
-        lrs[: score.size], score, s, noise, usable, fall, onset, lr_onset, min_index, flat, lr_flat, rose_after
+        lrs[: score.size], score, s, noise, usable, fall, onset, lr_onset, min_index, flat, lr_flat, rose_after, edge
     )
+
+
+EDGE_FACTOR = 4.0
+"""A point above this multiple of the minimum (the sweep's default stop rule) is past the edge too."""
+
+
+def _edge_index(score: np.ndarray, s: np.ndarray, min_index: int | None, floor: float) -> int | None:
+    """First raw point after the smoothed minimum that is non-finite, back above the start, or above
+    EDGE_FACTOR times the minimum: training at that LR destroys what it built."""
+    if min_index is None:
+        return None
+    level = min(1.0 + floor, EDGE_FACTOR * float(s[min_index]))
+    for i in range(min_index + 1, score.size):
+        if not math.isfinite(score[i]) or score[i] > level:
+            return i
+    return None
 
 
 # ------------------------------------------------------------------------------------------ rules
@@ -262,16 +291,32 @@ def rule_midpoint(f: CurveFeatures) -> float | None:
     return float(math.sqrt(f.lr_onset * f.lr_flat))
 
 
-DEFAULT_FRACTION = 0.5
-"""Where between lr_min and lr_max (in log LR) `rule_default` lands; set from bench/lr_accuracy."""
+EDGE_DIVISOR = 3.5
+"""`rule_default` trains this factor below the stability edge (find_lr.edge_divisor); the value with the
+smallest worst-case regret on bench/lr_accuracy's calibration problems (docs/tuning.md)."""
 
 
-def rule_default(f: CurveFeatures) -> float | None:
-    """difftune's rule. Placeholder until the benchmark chooses it: the midpoint."""
-    if f.lr_onset is None or f.lr_flat is None:
+def rule_default(f: CurveFeatures, divisor: float = EDGE_DIVISOR) -> float | None:
+    """difftune's rule: a fixed factor below the stability edge, where the sweep's loss diverged.
+
+    The edge is the sharpest feature of a sweep: it does not depend on how much there was to learn
+    (which moves the minimum and the steepest point), and a fine-tune whose loss moves by 2% shows it as
+    clearly as a run from scratch. The sweep holds each LR for only a few steps, so a constant LR for a
+    whole run must sit well below it; bench/lr_accuracy measured the factor against brute-force grids.
+    Without an edge (the loss never turned back within the range) the last point stands in for it,
+    a lower bound, and the verdict says so.
+    """
+    if f.onset is None or f.min_index is None:
         return None
-    lo, hi = math.log(f.lr_onset), math.log(f.lr_flat)
-    return float(math.exp(lo + DEFAULT_FRACTION * (hi - lo)))
+    edge = f.lr_edge if f.lr_edge is not None else float(f.lrs[f.usable - 1])
+    return edge / divisor
+
+
+def edge_bracket(f: CurveFeatures, divisor: float = EDGE_DIVISOR) -> tuple[float, float] | None:
+    """`rule_default`'s LR if the edge were at either end of its bracket (the sweep's resolution)."""
+    if f.edge is None or f.edge == 0:
+        return None
+    return float(f.lrs[f.edge - 1]) / divisor, float(f.lrs[f.edge]) / divisor
 
 
 RULES: dict[str, Rule] = {
@@ -303,6 +348,8 @@ class LRAnalysis:
     smoothed: list[float]
     noise: float
     lr_at_minimum: float | None
+    lr_edge: float | None
+    """Where the loss diverged (climbed back above the start or blew up): the upper limit of any LR."""
     bootstrap: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -352,7 +399,12 @@ def _verdict(f: CurveFeatures, lrs: np.ndarray, stopped_early: bool) -> tuple[st
             f"the loss was still falling at the end of the range (lr {lrs[f.usable - 1]:.3g}): lr_max may be "
             "higher; raise find_lr.end_lr to see where it stops"
         )
-    return "ok", "the loss fell, flattened and the bounds are clear"
+    if f.edge is None:
+        return "warning", (
+            f"the loss never diverged up to lr {lrs[f.usable - 1]:.3g}: the recommendation takes that as the "
+            "stability edge, so it may be low; raise find_lr.end_lr to find the real edge"
+        )
+    return "ok", "the loss fell, flattened and diverged: the bounds and the stability edge are clear"
 
 
 def analyze_lr_sweep(
@@ -365,6 +417,7 @@ def analyze_lr_sweep(
     bootstrap_samples: int = 200,
     seed: int = 0,
     stopped_early: bool = False,
+    edge_divisor: float = EDGE_DIVISOR,
 ) -> LRAnalysis:
     """Read one LR sweep: bounds, every rule's suggestion, the chosen rule's LR and its bootstrap band.
 
@@ -378,6 +431,7 @@ def analyze_lr_sweep(
         bootstrap_samples: resamples of the probe items for the band (0 disables it).
         seed: seed of the bootstrap.
         stopped_early: the sweep stopped on divergence before its last point.
+        edge_divisor: the default rule's factor below the stability edge.
     """
     if rule not in RULES:
         raise ValueError(f"find_lr.rule = {rule!r}: unknown rule; valid: {', '.join(RULES)}")
@@ -388,11 +442,17 @@ def analyze_lr_sweep(
     score = bucket_scores(losses, baseline, buckets)
     f = curve_features(lrs_arr, score, sigma)
     status, verdict = _verdict(f, lrs_arr, stopped_early)
-    suggestions = {name: (fn(f) if status != "unusable" else None) for name, fn in RULES.items()}
+    rules = {**RULES, "default": functools.partial(rule_default, divisor=edge_divisor)}
+    suggestions = {name: (fn(f) if status != "unusable" else None) for name, fn in rules.items()}
     lr = suggestions[rule]
     band, boot = None, {}
     if lr is not None and bootstrap_samples > 0:
-        band, boot = _bootstrap_band(lrs_arr, losses, baseline, buckets, RULES[rule], sigma, bootstrap_samples, seed)
+        band, boot = _bootstrap_band(lrs_arr, losses, baseline, buckets, rules[rule], sigma, bootstrap_samples, seed)
+        bracket = edge_bracket(f, edge_divisor) if rule == "default" else None
+        if band is not None and bracket is not None:
+            # Resampling probe items cannot move the edge off the sweep's points: where between two
+            # points it lies is the larger uncertainty, so the band spans both.
+            band = [min(band[0], bracket[0]), band[1], max(band[2], bracket[1])]
     return LRAnalysis(
         rule=rule,
         lr=lr,
@@ -406,6 +466,7 @@ def analyze_lr_sweep(
         smoothed=[float(x) for x in f.smoothed],
         noise=f.noise,
         lr_at_minimum=f.lr_at_min,
+        lr_edge=f.lr_edge if status != "unusable" else None,
         bootstrap=boot,
     )
 

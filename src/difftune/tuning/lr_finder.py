@@ -259,7 +259,7 @@ def find_lr(config: Config, show_progress: bool = True) -> dict[str, Any]:
     analysis = analyze_lr_sweep(
         raw["lrs"], raw["item_losses"], raw["baseline"], raw["buckets"], rule=settings.rule,
         sigma=settings.smoothing, bootstrap_samples=settings.bootstrap_samples, seed=config.validation.seed,
-        stopped_early=raw["stop_reason"] is not None,
+        stopped_early=raw["stop_reason"] is not None, edge_divisor=settings.edge_divisor,
     )
     seconds_per_step = raw["train_seconds"] / max(1, raw["steps"])
     run_seconds = seconds_per_step * run_steps
@@ -314,7 +314,8 @@ def format_result(result: dict[str, Any]) -> str:
     cost = result["cost"]
     lines = [
         f"verdict: {result['verdict']}",
-        f"lr_min {format_lr(result['lr_min'])}   lr_max {format_lr(result['lr_max'])}",
+        f"lr_min {format_lr(result['lr_min'])}   lr_max {format_lr(result['lr_max'])}   "
+        f"stability edge {format_lr(result.get('lr_edge'))}",
         f"recommended lr ({result['rule']} rule): {format_lr(result['lr'])}"
         + (f"   band 10/50/90%: {format_lr(band[0])} / {format_lr(band[1])} / {format_lr(band[2])}" if band else ""),
         "other rules: " + ", ".join(f"{k} {format_lr(v)}" for k, v in result["suggestions"].items() if k != result["rule"]),

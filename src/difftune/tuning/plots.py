@@ -26,7 +26,7 @@ def plot_lr_sweep(result: dict[str, Any], path: Path) -> Path:
     band = result.get("lr_band")
     if band:
         ax.axvspan(band[0], band[2], color="tab:green", alpha=0.15, label="lr band 10-90%")
-    for key, style, color in (("lr_min", "--", "tab:gray"), ("lr_max", "--", "tab:red")):
+    for key, style, color in (("lr_min", "--", "tab:gray"), ("lr_max", "--", "tab:orange"), ("lr_edge", ":", "tab:red")):
         if result.get(key):
             ax.axvline(result[key], linestyle=style, color=color, linewidth=1, label=f"{key} {result[key]:.2g}")
     if result.get("lr"):

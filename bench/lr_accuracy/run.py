@@ -6,7 +6,8 @@ For every problem (bench/lr_accuracy/problems.py):
    grid's *good band* is the LRs whose mean best loss is within 2% of the grid's best.
 2. `difftune find-lr` (log sweep, once per seed, and the linear sweep once), read by every rule
    (default, valley, steepest, midpoint, min_div10) on the same curves.
-3. a check run at the default rule's LR with both seeds: the measured regret.
+3. a check run at the default rule's LR with both seeds: the measured regret; and the same at each
+   candidate factor below the stability edge (DIVISOR_SCAN), which is how the default factor was chosen.
 
 Reports whether each rule's LR lands in the good band, its regret, whether the bootstrap band covers
 the grid optimum, and the sweep's cost as a fraction of the grid's. Results: bench/results/lr_accuracy.json
@@ -38,6 +39,8 @@ from bench.lr_accuracy.runs import _setup_process, constant_run, sweep_run  # no
 
 SEEDS = (1, 2)
 """Seeds of the sweeps and of the check runs."""
+DIVISOR_SCAN = (3.5, 4.0, 4.5, 5.0)
+"""Candidate factors below the stability edge for the default rule, each checked by real runs."""
 GRID_SEEDS = (1, 2, 3)
 """Seeds of the grid: the good band is a 2% margin, so the grid's own seed noise must be well below it."""
 RULES = ("default", "valley", "steepest", "midpoint", "min_div10")
@@ -112,12 +115,21 @@ def main(argv: list[str] | None = None) -> int:
             if lr is not None:
                 check_jobs[(name, seed)] = _submit(pool, args, constant_run, name, str(work), float(f"{lr:.4g}"), seed,
                                                    str(work / "cache" / name / f"check-lr{lr:.4g}-s{seed}.json"))
+        scan_jobs = {}
+        for (name, seed, shape), sweep in sweeps.items():
+            edge = _reanalysed(work, name, sweep)["default"].lr_edge if sweep is not None and shape == "log" else None
+            for divisor in DIVISOR_SCAN if edge else ():
+                lr = float(f"{edge / divisor:.4g}")
+                scan_jobs[(name, seed, divisor)] = _submit(pool, args, constant_run, name, str(work), lr, seed,
+                                                           str(work / "cache" / name / f"check-lr{lr:.4g}-s{seed}.json"))
         grids = _collect(grid_jobs, "grid run")
         checks = _collect(check_jobs, "check run")
+        scans = _collect(scan_jobs, "divisor check run")
     finally:
         pool.shutdown()
 
     report = build_report(problems, work, sweeps, grids, checks)
+    report["divisor_scan"] = divisor_scan(report, scans)
     report["wall_seconds"] = time.perf_counter() - started
     out_json = results_dir / "lr_accuracy.json"
     out_json.write_text(json.dumps(report, indent=2) + "\n")
@@ -223,6 +235,26 @@ def build_report(problems, work, sweeps, grids, checks) -> dict[str, Any]:
     return report
 
 
+def divisor_scan(report: dict[str, Any], scans: dict) -> dict[str, Any]:
+    """How the default rule's factor below the edge was chosen: per candidate, the grid regret
+    (interpolated) and the measured regret of real runs at that LR (mean of the sweep seeds)."""
+    out: dict[str, Any] = {}
+    for divisor in DIVISOR_SCAN:
+        rows = {}
+        for name, p in report["problems"].items():
+            runs = [r for (n, _, d), r in scans.items() if n == name and d == divisor and r is not None]
+            if not runs:
+                continue
+            mean = sum(r["best_val_loss"] for r in runs) / len(runs)
+            graded = score_lr(runs[0]["lr"], p["grid"])
+            rows[name] = {"lr": runs[0]["lr"], "in_good_band": graded["in_good_band"], "grid_regret": graded["regret"],
+                          "measured_regret": mean / p["grid"]["best_loss"] - 1.0 if math.isfinite(mean) else math.inf}
+        measured = [r["measured_regret"] for r in rows.values()]
+        out[str(divisor)] = {"problems": rows, "in_good_band": sum(r["in_good_band"] for r in rows.values()),
+                             "worst_measured_regret": max(measured) if measured else None}
+    return out
+
+
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
     """Per rule: on how many problem x sweep cases it lands in the good band, and its worst regret."""
     out = {}
@@ -269,6 +301,11 @@ def format_table(report: dict[str, Any]) -> str:
             c = p["check_runs"]
             lines.append(f"| {name} | check runs at default lr | | | measured regret {100 * c['measured_regret']:+.2f}% "
                          f"({'within' if c['within_2_percent'] else 'NOT within'} 2%) |")
+    lines.append("")
+    for divisor, scan in report.get("divisor_scan", {}).items():
+        cells = ", ".join(f"{name} {100 * r['measured_regret']:+.1f}%{' (in band)' if r['in_good_band'] else ''}"
+                          for name, r in scan["problems"].items())
+        lines.append(f"edge / {divisor}: measured regret {cells}; worst {_pct(scan['worst_measured_regret'])}")
     lines.append("")
     for rule in RULES:
         s = report["summary"][rule]

@@ -235,7 +235,7 @@ class FindLRConfig(Section):
     )
     num_points: int = Field(24, ge=5, description="Probe evaluations along the ramp.")
     steps_per_point: int = Field(5, ge=1, description="Optimizer steps between two probe evaluations.")
-    extend: bool = Field(True, description="Keep sweeping past end_lr (up to 100x) while the loss is still falling (log shape).")
+    extend: bool = Field(True, description="Keep sweeping past end_lr (up to 100x) until the loss diverges (log shape).")
     rule: Literal["default", "valley", "steepest", "midpoint", "min_div10"] = Field(
         "default", description="How the recommended LR is read from the curve (docs/tuning.md compares them)."
     )
@@ -247,7 +247,7 @@ class FindLRConfig(Section):
     smoothing: float = Field(1.0, ge=0.0, description="Width (in points) of the Gaussian smoothing of the curve.")
     bootstrap_samples: int = Field(200, ge=0, description="Resamples of the probe items for the LR band (0: no band).")
     stop_factor: float = Field(4.0, gt=1.0, description="Stop the sweep once the loss exceeds this multiple of its best.")
-    edge_divisor: float = Field(3.5, gt=1.0, description="The default rule trains this factor below the LR where the "
+    edge_divisor: float = Field(4.5, gt=1.0, description="The default rule trains this factor below the LR where the "
                                 "sweep diverged (measured in bench/lr_accuracy); raise it for a more cautious LR.")
 
     @model_validator(mode="after")

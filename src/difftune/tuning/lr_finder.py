@@ -30,7 +30,7 @@ from difftune.tuning.curve import analyze_lr_sweep, json_safe, should_stop
 
 FOLDER = "find-lr"
 MAX_EXTEND = 100.0
-"""With `find_lr.extend`, a still-falling sweep goes on up to this multiple of end_lr."""
+"""With `find_lr.extend`, a sweep that has not diverged goes on up to this multiple of end_lr."""
 
 # Used only when the optimizer catalogue has no range for an optimizer (Adam-like defaults).
 _FALLBACK_RANGE = {True: (1e-7, 1e-4), False: (5e-6, 5e-3)}
@@ -184,7 +184,7 @@ def run_sweep(
             if stop_reason:
                 break
             point += 1
-            if point == len(lrs) and _should_extend(config, lrs, scores, point_lrs):
+            if point == len(lrs) and _should_extend(config, lrs, point_lrs):
                 factor = lrs[-1] / lrs[-2]
                 lrs.append(lrs[-1] * factor)
                 ramp_fn.step_lrs.extend([lrs[-1]] * settings.steps_per_point)
@@ -211,15 +211,14 @@ def _score(items: np.ndarray, baseline: np.ndarray, buckets: np.ndarray) -> floa
     return float(bucket_scores(items[None, :], baseline, buckets)[0])
 
 
-def _should_extend(config: Config, lrs: list[float], scores: list[float], planned: np.ndarray) -> bool:
-    """Go past end_lr while the loss has not stopped falling (best point among the last two)."""
+def _should_extend(config: Config, lrs: list[float], planned: np.ndarray) -> bool:
+    """Go past end_lr until the sweep diverges (the default rule reads the stability edge, and a loss
+    that only flattened or crept up has not shown it yet), at most to MAX_EXTEND x end_lr. Called only
+    when the stop rule has not fired."""
     settings = config.find_lr
     if not settings.extend or settings.shape != "log" or len(lrs) < 2:
         return False
-    if lrs[-1] * (lrs[-1] / lrs[-2]) > planned[-1] * MAX_EXTEND:
-        return False
-    best = int(np.argmin(scores))
-    return best >= len(scores) - 2
+    return lrs[-1] * (lrs[-1] / lrs[-2]) <= planned[-1] * MAX_EXTEND
 
 
 def find_lr(config: Config, show_progress: bool = True) -> dict[str, Any]:

@@ -117,3 +117,24 @@ def test_every_shipped_example_validates():
     assert files
     for f in files:
         validate_config(tomllib.loads(f.read_text()), f.name)
+
+
+def test_every_toml_in_readme_and_docs_validates():
+    """Users copy these; a renamed key or a bad value in an example is a bug. Fragments (a lone section)
+    are checked on top of a minimal config."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from difftune.config.loading import validate_config
+
+    root = Path(__file__).resolve().parents[1]
+    checked = 0
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for block in re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S):
+            data = tomllib.loads(block)
+            if "model" not in data:
+                data = {"model": {"path": "tiny-sd"}, "data": {"train_dir": "x"}, **data}
+            validate_config(data, doc.name)
+            checked += 1
+    assert checked >= 3

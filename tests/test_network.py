@@ -267,3 +267,17 @@ def _config(data):
     from difftune.config.loading import validate_config
 
     return validate_config(data, "test")
+
+
+def test_boft_fits_sd15_widths_by_default_and_names_the_block_size_that_does(quick_config):
+    """SD's 320-wide layers are 10 x 2^5: BOFT cannot split them into blocks of <= 8 (LyCORIS raised a bare
+    ValueError); the default block_size fits, and a bad one is a config error naming one that works."""
+    from difftune.models.single_file import shipped_config_dir
+    from difftune.network.facts import network_facts
+
+    sd15 = {"path": str(shipped_config_dir("sd1"))}  # configs only: the network is sized on meta weights
+    facts = network_facts(quick_config(model=sd15, network={"type": "boft"}))
+    assert (facts["layers"], facts["trainable_parameters"]) == (282, 26_988_816)  # bench/network_sizes.py
+    with pytest.raises(ConfigError, match=r"network.block_size = 8: BOFT cannot split a layer with 320 output "
+                                          r"channels .* network.block_size = 10 or more works"):
+        network_facts(quick_config(model=sd15, network={"type": "boft", "block_size": 8}))

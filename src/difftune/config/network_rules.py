@@ -72,7 +72,9 @@ PRESETS = {
 }
 
 DEFAULT_RANK = 16
-DEFAULT_BLOCK_SIZE = {"dylora": 4, "diag-oft": 8, "boft": 8}
+# BOFT splits a layer's outputs into 2^k blocks of an even size <= block_size: 8 cannot split SD's 320-wide
+# layers (320 = 10 x 2^5), 16 fits every SD 1.x/2.x layer.
+DEFAULT_BLOCK_SIZE = {"dylora": 4, "diag-oft": 8, "boft": 16}
 LORA_FORMATS = ("kohya", "diffusers", "both")
 FULL_FINETUNE_TYPES = (None, "none")
 

@@ -76,7 +76,7 @@ class NetworkConfig(Section):
     module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Skip a layer's update entirely with this probability while training.")
     dora: bool = Field(False, description="Weight-decomposed update (DoRA) for lora, locon, loha, lokr.")
     factor: int | None = Field(None, description="LoKr Kronecker factor; -1 (default) picks the most balanced factorisation.")
-    block_size: int | None = Field(None, ge=1, description="OFT/BOFT block size, DyLoRA rank step; default 8 (OFT) / 4 (DyLoRA).")
+    block_size: int | None = Field(None, ge=1, description="OFT/BOFT block size, DyLoRA rank step; default 8 (diag-oft), 16 (boft), 4 (dylora).")
     constraint: float | None = Field(None, ge=0.0, description="OFT/BOFT norm constraint (COFT); 0 or unset: unconstrained.")
     rescaled: bool = Field(False, description="OFT/BOFT: learn a per-channel rescale too.")
     init_from: str | None = Field(None, description="Existing LoRA file (kohya or diffusers layout) to continue training from.")

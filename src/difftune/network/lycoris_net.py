@@ -138,13 +138,37 @@ def _build_lycoris(unet: torch.nn.Module | None, text_encoder: torch.nn.Module |
     with _quiet_lycoris():
         # Presets are class attributes in LyCORIS: set every one of them right before building.
         LycorisNetworkKohya.apply_preset(PRESETS[settings.preset])
-        net = LycorisNetworkKohya(
-            formats.kohya_text_encoder(text_encoder) if text_encoder is not None else None,
-            unet if unet is not None else torch.nn.Module(),
-            multiplier=multiplier,
-            **settings.lycoris_kwargs(),
-        )
+        try:
+            net = LycorisNetworkKohya(
+                formats.kohya_text_encoder(text_encoder) if text_encoder is not None else None,
+                unet if unet is not None else torch.nn.Module(),
+                multiplier=multiplier,
+                **settings.lycoris_kwargs(),
+            )
+        except ValueError as e:
+            if settings.type == "boft" and "BOFT" in str(e):
+                raise ConfigError(_boft_block_size_problem(settings.block_size, [unet, text_encoder], str(e))) from None
+            raise
     return net
+
+
+def _boft_block_size_problem(block_size: int | None, hosts: list, lycoris_message: str) -> str:
+    """BOFT splits a layer's outputs into 2^k blocks of an even size b <= block_size; name the value that fits."""
+    import re
+
+    def smallest_block(width: int) -> int:  # 2 x the odd part of the width
+        while width % 2 == 0:
+            width //= 2
+        return 2 * width
+
+    widths = {m.weight.shape[0] for host in hosts if host is not None for m in host.modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.shape[0] % 2 == 0}
+    needed = max((smallest_block(w) for w in widths), default=None)
+    found = re.search(r"decompose (\d+)", lycoris_message)
+    layer = f"a layer with {found.group(1)} output channels" if found else "a layer of this model"
+    hint = f"; network.block_size = {needed} or more works for every layer of this model" if needed else ""
+    return (f"network.block_size = {block_size}: BOFT cannot split {layer} (it needs output channels = b x 2^k "
+            f"with an even b <= block_size){hint}")
 
 
 class LoraFamilyNetwork:

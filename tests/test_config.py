@@ -92,6 +92,15 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == config
 
 
+def test_switches_that_default_on_can_be_turned_off_and_stay_off(tmp_path):
+    """TOML has no null: 'off' must be a value that a file, --set and the resolved config all carry."""
+    off = ["validation.every_n_epochs=0", "find_steps.patience=0", "find_steps.gl_alpha=0", "data.train_dir=d"]
+    config = load_config(None, off)
+    write_resolved_config(config, tmp_path / "config.resolved.toml")
+    again = load_config(tmp_path / "config.resolved.toml")
+    assert (again.validation.every_n_epochs, again.find_steps.patience, again.find_steps.gl_alpha) == (0, 0, 0)
+
+
 def test_required_keys_exist():
     config = load_config(None)
     for dotted in [

@@ -22,7 +22,7 @@ from difftune.optim.registry import lr_multiplier
 from difftune.training.loop import Trainer, train
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-NO_VALIDATION = {"every_n_steps": None, "every_n_epochs": None}
+NO_VALIDATION = {"every_n_steps": None, "every_n_epochs": 0}
 
 
 @pytest.fixture(autouse=True)

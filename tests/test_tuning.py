@@ -160,11 +160,16 @@ def test_early_stopping_patience_and_generalization_loss():
     flat = [1.0, 0.8, 0.7, 0.71, 0.70, 0.705]
     assert [stopper.update(i, v) for i, v in enumerate(flat)] == [False] * 5 + [True]
     assert stopper.best_step == 2 and "patience 3" in stopper.reason
-    # GL5: 6% above the best stops at once, long before patience would.
-    stopper = EarlyStopping(patience=10, gl_alpha=5.0)
+    # GL5 as published (gl_consecutive=1): 6% above the best stops at once, long before patience would.
+    stopper = EarlyStopping(patience=10, gl_alpha=5.0, gl_consecutive=1)
     assert [stopper.update(i, v) for i, v in enumerate([1.0, 0.5, 0.52, 0.51])] == [False] * 4  # 4% above: GL5 waits
     assert stopper.generalization_loss(0.53) == pytest.approx(6.0)
     assert stopper.update(4, 0.53) is True and "GL = 6.0%" in stopper.reason
+    # Default: a single bump above GL5 is ridden out (the count resets below alpha); two in a row stop.
+    stopper = EarlyStopping(patience=10, gl_alpha=5.0)
+    bumpy = [1.0, 0.5, 0.53, 0.51, 0.54, 0.49, 0.53, 0.52]
+    assert [stopper.update(i, v) for i, v in enumerate(bumpy)] == [False] * 7 + [True]
+    assert stopper.best_step == 5 and "2 validations in a row" in stopper.reason
     assert EarlyStopping(patience=None, gl_alpha=5).update(0, float("inf")) is True
     with pytest.raises(ValueError):
         EarlyStopping(patience=None, gl_alpha=None)
@@ -273,6 +278,7 @@ def test_find_steps_stops_early_and_keeps_the_best_checkpoint(digits_dir, tmp_pa
     for key in ("best_step", "best_loss", "step_band", "early_stop", "curve", "best_checkpoint", "lr"):
         assert key in result
     assert result["lr"] == 0.05 and result["stopped_at"] < 60 and result["early_stop"]
+    assert all(p["step"] % 3 == 0 for p in result["curve"])  # its own cadence only, no epoch-end extras
     out = capsys.readouterr().out
     assert "stopped early" in out
     run = tmp_path / "run" / "find-steps"

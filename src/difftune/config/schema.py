@@ -182,7 +182,7 @@ class OptimizerConfig(Section):
 
 class ValidationConfig(Section):
     every_n_steps: int | None = Field(None, ge=1, description="Validate every N optimizer steps.")
-    every_n_epochs: int | None = Field(1, ge=1, description="Validate at the end of every N epochs.")
+    every_n_epochs: int = Field(1, ge=0, description="Validate at the end of every N epochs; 0: off (every_n_steps only).")
     seed: int = Field(555, description="Seed of the validation split and of its fixed noise and timesteps.")
     batch_size: int | None = Field(None, ge=1, description="Validation batch size; default: train.batch_size.")
     draws_per_image: int = Field(1, ge=1, description="Fixed (noise, timestep) pairs per validation image.")
@@ -262,9 +262,12 @@ class FindStepsConfig(Section):
 
     max_steps: int | None = Field(None, ge=1, description="Most steps to train; default: the configured run length.")
     every_n_steps: int | None = Field(None, ge=1, description="Validate every N steps; default: 1/25 of max_steps.")
-    patience: int | None = Field(5, ge=1, description="Stop after N validations without a new best (None: off).")
-    gl_alpha: float | None = Field(5.0, gt=0.0, description="Stop when the validation loss is this many percent above "
-                                   "its best (Prechelt's GL_alpha; None: off).")
+    patience: int = Field(8, ge=0, description="Stop after N validations without a new best; 0: off "
+                          "(8: measured by bench/stopping_rules.py).")
+    gl_alpha: float = Field(0.0, ge=0.0, description="Also stop when the validation loss is this many percent above "
+                            "its best (Prechelt's GL_alpha); 0 (default): off, it stops noisy curves too early.")
+    gl_consecutive: int = Field(2, ge=1, description="Validations in a row above gl_alpha needed to stop (1: the "
+                                "first one, Prechelt's rule as published; 2 rides out a single bump).")
     min_delta: float = Field(0.0, ge=0.0, description="Relative improvement that counts as a new best for patience.")
     margin: float = Field(0.01, ge=0.0, description="Steps whose validation loss is within this fraction of the best "
                           "form the reported step band.")

@@ -234,6 +234,7 @@ def find_lr(config: Config, show_progress: bool = True) -> dict[str, Any]:
     sweep_config = sub_config(
         config, FOLDER,
         sample={"prompts": []},
+        validation={"every_n_steps": None, "every_n_epochs": 0},  # the sweep scores its own probes
         output={"tensorboard": False, "save_every_n_steps": None, "save_every_n_epochs": None},
     )
     ramp_fn = Ramp(step_lrs, config.train.lr)

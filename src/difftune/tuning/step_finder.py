@@ -36,7 +36,7 @@ def step_search_config(config: Config, lr: float, folder: str = FOLDER) -> Confi
     return sub_config(
         config, folder,
         train={**constant_lr_changes(config, lr), "max_steps": max_steps},
-        validation={"every_n_steps": every, "every_n_epochs": None},
+        validation={"every_n_steps": every, "every_n_epochs": 0},
         output={"save_best": True, "save_every_n_steps": None, "save_every_n_epochs": None},
     )
 
@@ -58,8 +58,8 @@ def find_steps(config: Config, lr: float | None = None, show_progress: bool = Tr
         raise ConfigError(f"--lr {lr}: the learning rate must be positive")
     settings = config.find_steps
     run_config = step_search_config(config, lr, folder)
-    stopper = EarlyStopping(settings.patience, settings.gl_alpha, settings.min_delta) if (
-        settings.patience is not None or settings.gl_alpha is not None) else None
+    stopper = EarlyStopping(settings.patience or None, settings.gl_alpha or None, settings.min_delta,
+                            settings.gl_consecutive) if (settings.patience or settings.gl_alpha) else None
     started = time.perf_counter()
     trainer = Trainer(run_config, show_progress=show_progress, early_stopping=stopper)
     if trainer.val_probe is None:
@@ -83,7 +83,8 @@ def find_steps(config: Config, lr: float | None = None, show_progress: bool = Tr
         "stopped_at": summary["steps"],
         "max_steps": run_config.train.max_steps,
         "every_n_steps": run_config.validation.every_n_steps,
-        "criteria": {"patience": settings.patience, "gl_alpha": settings.gl_alpha, "min_delta": settings.min_delta},
+        "criteria": {"patience": settings.patience, "gl_alpha": settings.gl_alpha,
+                     "gl_consecutive": settings.gl_consecutive, "min_delta": settings.min_delta},
         "curve": curve,
         "best_checkpoint": str(best_dir) if best_dir.is_dir() else None,
         "run_dir": str(root),

@@ -6,11 +6,13 @@ and the analysis can be redone without training.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +32,29 @@ def _setup_process() -> None:
     tl.set_verbosity_error()
 
 
-def constant_run(problem_name: str, work: str, lr: float, seed: int, cache: str) -> dict[str, Any]:
+def cached(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Return a run's JSON from its `cache` file when it exists; else run it (in a fresh process set-up)
+    and write the file, so an interrupted benchmark continues where it stopped."""
+
+    @functools.wraps(run)
+    def wrapper(*args: Any) -> dict[str, Any]:  # called as run(*run_args, cache_path)
+        *run_args, cache = args
+        cache_path = Path(cache)
+        if cache_path.is_file():
+            return json.loads(cache_path.read_text())
+        _setup_process()
+        result = run(*run_args)
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps(result))
+        return result
+
+    return wrapper
+
+
+@cached
+def constant_run(problem_name: str, work: str, lr: float, seed: int) -> dict[str, Any]:
     """Train the problem at a constant `lr` for its step budget, validating 20 times; the best
     validation loss over the run is what the grid compares (the step finder would stop there)."""
-    cache_path = Path(cache)
-    if cache_path.is_file():
-        return json.loads(cache_path.read_text())
-    _setup_process()
     from bench.lr_accuracy.problems import PROBLEMS
 
     from difftune.config.loading import validate_config
@@ -73,17 +91,12 @@ def constant_run(problem_name: str, work: str, lr: float, seed: int, cache: str)
         "best_step": min(curve, key=lambda sv: sv[1])[0] if finite else None, "diverged": diverged,
         "seconds": time.perf_counter() - started, "train_seconds": train_seconds,
     }
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_path.write_text(json.dumps(result))
     return result
 
 
-def sweep_run(problem_name: str, work: str, seed: int, shape: str, cache: str) -> dict[str, Any]:
+@cached
+def sweep_run(problem_name: str, work: str, seed: int, shape: str) -> dict[str, Any]:
     """`difftune find-lr` on the problem (the real command's code path), with the problem's range."""
-    cache_path = Path(cache)
-    if cache_path.is_file():
-        return json.loads(cache_path.read_text())
-    _setup_process()
     from bench.lr_accuracy.problems import PROBLEMS
 
     from difftune.config.loading import validate_config
@@ -98,6 +111,4 @@ def sweep_run(problem_name: str, work: str, seed: int, shape: str, cache: str) -
     started = time.perf_counter()
     result = find_lr(config, show_progress=False)
     result["bench"] = {"problem": problem_name, "seed": seed, "shape": shape, "seconds": time.perf_counter() - started}
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_path.write_text(json.dumps(result))
     return result

@@ -84,6 +84,8 @@ def write_schedule_preview(config: Config, out_png: str | Path, steps: int) -> d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from difftune.reporting.plots import save_figure
+
     curves = schedule_curves(config, steps)
     table = schedule_table(config, steps)
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -102,10 +104,7 @@ def write_schedule_preview(config: Config, out_png: str | Path, steps: int) -> d
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_png, dpi=100)
     return table
 
 

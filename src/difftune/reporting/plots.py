@@ -12,6 +12,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Write a figure as PNG (creating its folder) and free it: pyplot keeps every open figure alive."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def ema(values: list[float], alpha: float = 0.1) -> list[float]:
     out, current = [], None
     for v in values:
@@ -53,10 +63,7 @@ def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     ax.set_title("Loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    written.append(plots_dir / "loss.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(save_figure(fig, plots_dir / "loss.png"))
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     lr_keys = sorted({k for r in records for k in r if k == "lr" or k.startswith("lr/")})
@@ -69,8 +76,5 @@ def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     if lr_keys:
         ax.legend()
-    fig.tight_layout()
-    written.append(plots_dir / "lr.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(save_figure(fig, plots_dir / "lr.png"))
     return written

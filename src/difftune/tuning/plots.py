@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from difftune.reporting.plots import save_figure  # noqa: E402
+
 
 def plot_lr_sweep(result: dict[str, Any], path: Path) -> Path:
     """Score (bucket-normalised probe loss, 1 = before training) against LR on a log axis."""
@@ -41,12 +43,7 @@ def plot_lr_sweep(result: dict[str, Any], path: Path) -> Path:
     if finite:
         top = max(v for _, v in finite)
         ax.set_ylim(bottom=max(0.0, min(v for _, v in finite) - 0.05), top=min(top, 2.0) + 0.05)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_step_search(result: dict[str, Any], path: Path) -> Path:
@@ -69,9 +66,4 @@ def plot_step_search(result: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"find-steps at lr {result['lr']:.3g}: {result.get('verdict', '')}"[:110], fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -57,6 +57,32 @@ def test_wrong_type_and_impossible_value_name_the_value(tmp_path):
     assert "data.val_split = 1.5" in message
 
 
+def test_booleans_are_not_numbers_and_paths_read_like_a_shell(tmp_path, monkeypatch):
+    """YAML reads `yes` as true; pydantic alone would then train at lr 1 or flip every image."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  flip_p: yes\ntrain:\n  max_steps: true\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "data.flip_p = True: expected a number, got true" in str(err.value)
+    assert "train.max_steps = True: expected a number, got true" in str(err.value)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(None, ['data.train_dir="~/images"', 'output.dir="~/runs/x"', 'data.caption_extension="txt"'])
+    assert config.data.train_dir == str(tmp_path / "images") and config.output.dir == str(tmp_path / "runs/x")
+    assert config.data.caption_extension == ".txt"
+    with pytest.raises(ConfigError, match="data.caption_extension = '.': expected a file extension"):
+        load_config(None, ['data.caption_extension="."'])
+
+
+def test_config_files_with_a_bom_or_not_in_utf8(tmp_path):
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes("\ufeff[train]\nlr = 0.002\n".encode())
+    assert load_config(bom).train.lr == 0.002
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('[sample]\nprompts = ["caf\u00e9"]\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.toml: not UTF-8 text .*save the file as UTF-8"):
+        load_config(latin)
+
+
 def test_unknown_section_and_bad_override(tmp_path):
     with pytest.raises(ConfigError, match="trian"):
         load_config(None, ["trian.lr=1"])

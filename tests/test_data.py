@@ -49,10 +49,63 @@ def test_every_problem_is_listed_before_training(tmp_path):
     assert "cut.jpg: unreadable image" in message
 
 
+def test_unusable_files_and_repeat_folders_stop_the_run_together(tmp_path):
+    make_image(tmp_path / "ok.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "anim.gif")
+    make_image(tmp_path / "0_char" / "a.png")
+    (tmp_path / "3_style").mkdir()
+    (tmp_path / "3_style" / "only_caption.txt").write_text("x")
+    with pytest.raises(DatasetError) as err:
+        scan_image_folder(tmp_path)
+    message = str(err.value)
+    assert "3 problem(s)" in message
+    assert "anim.gif: .gif images are not supported" in message
+    assert "0_char: repeat count 0" in message
+    assert "3_style: no images in this repeat folder" in message
+
+
+def test_other_files_are_reported_not_skipped_and_linked_folders_are_followed(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    make_image(data / "a.bmp")
+    make_image(data / "b.jfif")
+    (data / "orphan.txt").write_text("no image")
+    (data / "notes.docx").write_text("x")
+    make_image(data / "blank.png", caption="")
+    (data / ".DS_Store").write_text("x")  # hidden: ignored
+    make_image(elsewhere / "c.png", caption="\ufefflinked, tag")  # a BOM from a Windows editor
+    (data / "2_linked").symlink_to(elsewhere, target_is_directory=True)
+    notes = []
+    records = scan_image_folder(data, notes=notes)
+    by_name = {r.path.name: r for r in records}
+    assert set(by_name) == {"a.bmp", "b.jfif", "blank.png", "c.png"}
+    assert by_name["c.png"].repeats == 2 and by_name["c.png"].caption == "linked, tag"
+    assert any("1 caption file(s) without an image" in n and "orphan.txt" in n for n in notes)
+    assert any("1 file(s) that are not images" in n and "notes.docx" in n for n in notes)
+    assert any("1 caption file(s)" in n and "are empty" in n and "blank.txt" in n for n in notes)
+
+
+def test_exif_rotation_and_16_bit_grey_load_as_a_viewer_shows_them(tmp_path):
+    """Phone photos store their rotation in EXIF; 16-bit PNGs would clip to white in a plain convert."""
+    stored = Image.new("RGB", (32, 16), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 16, 16))  # left half red as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display: the red half ends up on top
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    (tmp_path / "phone.txt").write_text("x")
+    Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    (tmp_path / "grey16.txt").write_text("x")
+    records = {r.path.name: r for r in scan_image_folder(tmp_path)}
+    assert records["phone.jpg"].size == (16, 32)
+    pixels = load_image(tmp_path / "phone.jpg", 16, crop_position=0.0)  # the top square
+    assert pixels[0].mean() > 0.8 and pixels[2].mean() < -0.8  # red, not half blue
+    grey = (load_image(tmp_path / "grey16.png", 16) + 1) * 127.5
+    assert abs(grey.mean().item() - 128) < 2
+
+
 def test_empty_and_missing_folders(tmp_path):
     with pytest.raises(DatasetError, match="no images found"):
         scan_image_folder(tmp_path)
-    with pytest.raises(DatasetError, match="data.val_dir = '.*nope': folder not found"):
+    with pytest.raises(DatasetError, match=r"data.val_dir = '.*nope' \(/.*nope\): folder not found"):
         scan_image_folder(tmp_path / "nope", key="data.val_dir")
 
 

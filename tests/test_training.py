@@ -82,6 +82,28 @@ def test_resume_without_checkpoint_is_a_clear_error(quick_config, tmp_path):
         train(config, resume=tmp_path / "empty", show_progress=False)
 
 
+def test_resume_refuses_a_changed_training_but_allows_a_longer_run(quick_config, tmp_path):
+    """The optimizer and schedule come from the checkpoint: a new LR would be written but not used."""
+    config = quick_config(train={"max_steps": 2}, output={"save_every_n_steps": 2}, validation={"every_n_epochs": 0})
+    train(config, show_progress=False)
+    changed = quick_config(train={"max_steps": 4, "lr": 0.01}, output={"save_every_n_steps": 2})
+    with pytest.raises(ConfigError) as err:
+        train(changed, resume=config.output.dir, show_progress=False)
+    listing = str(err.value).split("\nA resume continues")[0].splitlines()[1:]
+    assert listing == ["  train.lr: 0.001 in the run, 0.01 now"]  # run length and validation cadence may change
+    assert "lr = 0.001" in (tmp_path / "run" / "config.resolved.toml").read_text()  # the run's record is kept
+    longer = quick_config(train={"max_steps": 4}, output={"save_every_n_steps": 2})
+    assert train(longer, resume=config.output.dir, show_progress=False)["steps"] == 4
+
+
+def test_validation_folder_inside_the_training_folder_is_refused(quick_config, tmp_path, digits_dir):
+    from difftune.data.records import DatasetError
+    from difftune.training.plan import make_plan
+
+    with pytest.raises(DatasetError, match="overlaps data.train_dir.*would be trained on"):
+        make_plan(quick_config(data={"val_dir": str(digits_dir / "2_digits")}))
+
+
 def test_run_directory_contract(quick_config, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -7,17 +7,42 @@ Cross-field rules that need more than one section live in `Config._check_combina
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from difftune.config import network_rules
 
 
+def _annotation_types(annotation) -> set:
+    """The plain types inside an annotation (`int | None` -> {int, NoneType})."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_annotation_types(a) for a in args))
+
+
+def expand_home(path: str | None) -> str | None:
+    """`~/data` means the home folder, as in a shell (relative paths are relative to the working directory)."""
+    return os.path.expanduser(path) if path else path
+
+
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, assignments are re-validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools_as_numbers(cls, value, info: ValidationInfo):
+        """pydantic would read `true` as 1 for a number; in a config that is always a mistake
+        (YAML reads `yes`/`no`/`on` as booleans too)."""
+        if isinstance(value, bool):
+            kinds = _annotation_types(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 class ModelConfig(Section):
@@ -52,6 +77,20 @@ class DataConfig(Section):
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags of a caption every time it is used.")
     keep_tokens: int = Field(0, ge=0, description="With shuffle_tags, keep the first N tags in place.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 loads in the main process).")
+
+    @field_validator("train_dir", "val_dir")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        return expand_home(value)
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _leading_dot(cls, value: str) -> str:
+        """'txt' and '.txt' both mean the .txt files (kohya writes it with the dot, users often without)."""
+        value = value.strip()
+        if value.strip(".") == "" or "/" in value or "\\" in value:
+            raise ValueError("expected a file extension such as '.txt' or '.caption'")
+        return value if value.startswith(".") else "." + value
 
 
 class NetworkConfig(Section):
@@ -205,6 +244,11 @@ class SampleConfig(Section):
 
 class OutputConfig(Section):
     dir: str = Field("runs/difftune", description="Run directory.")
+
+    @field_validator("dir")
+    @classmethod
+    def _expand_home(cls, value: str) -> str:
+        return expand_home(value)
     save_every_n_steps: int | None = Field(None, ge=1, description="Save a checkpoint every N optimizer steps.")
     save_every_n_epochs: int | None = Field(None, ge=1, description="Save a checkpoint every N epochs.")
     save_last_n: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints (the final one is always kept).")

@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def load_image(path, resolution: int, crop_position: float | None = None) -> torch.Tensor:
@@ -16,7 +16,7 @@ def load_image(path, resolution: int, crop_position: float | None = None) -> tor
     `crop_position` in [0, 1] picks the crop offset along the long side (None = center).
     """
     with Image.open(path) as image:
-        image = _to_rgb(image)
+        image = _to_rgb(ImageOps.exif_transpose(image))  # phone photos store rotation in EXIF
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
@@ -29,7 +29,12 @@ def load_image(path, resolution: int, crop_position: float | None = None) -> tor
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Transparent pixels become white (as most trainers do), palette and grey images become RGB."""
+    """Transparent pixels become white (as most trainers do), palette and grey images become RGB,
+    16-bit grey is scaled to 8 bits (Pillow's convert would clip it to white)."""
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I" (16-bit grey PNGs open as one of these)
+        array = np.asarray(image).astype(np.float64)
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 1.0
+        return Image.fromarray(np.clip(array * scale + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

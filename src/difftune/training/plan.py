@@ -57,17 +57,23 @@ def make_plan(config: Config) -> Plan:
     data, train = config.data, config.train
     if not data.train_dir:
         raise DatasetError("data.train_dir is not set: point it at a folder of images with .txt captions")
-    records = scan_image_folder(data.train_dir, data.caption_extension, data.repeats)
+    warnings: list[str] = []
+    records = scan_image_folder(data.train_dir, data.caption_extension, data.repeats, notes=warnings)
     if data.val_dir:
+        _refuse_overlap(data.train_dir, data.val_dir)
         train_records = records
-        val_records = scan_image_folder(data.val_dir, data.caption_extension, 1, key="data.val_dir")
+        val_records = scan_image_folder(data.val_dir, data.caption_extension, 1, key="data.val_dir", notes=warnings)
     else:
         train_records, val_records = split_records(records, data.train_dir, data.val_split, config.validation.seed)
-    warnings = []
     if not val_records:
+        why = "data.val_split = 0 and no data.val_dir" if data.val_split == 0 else "a single image cannot be split"
         warnings.append(
-            "no validation images (data.val_split = 0 and no data.val_dir): validation loss, find-lr and "
-            "find-steps need a held-out set"
+            f"no validation images ({why}): validation loss, find-lr and find-steps need a held-out set"
+        )
+    elif not data.val_dir and len(val_records) / len(records) > 2 * data.val_split:
+        warnings.append(
+            f"data.val_split = {data.val_split} holds out {len(val_records)} of {len(records)} images "
+            "(at least one is always held out)"
         )
     small = [r for r in train_records + val_records if 0 < min(r.size) < data.resolution]
     if small:
@@ -107,6 +113,16 @@ def make_plan(config: Config) -> Plan:
         effective_batch_size=train.batch_size * train.grad_accum,
         warnings=warnings,
     )
+
+
+def _refuse_overlap(train_dir: str, val_dir: str) -> None:
+    """Validation images must not be trained on, or the validation loss measures memorisation."""
+    train, val = Path(train_dir).resolve(), Path(val_dir).resolve()
+    if train == val or train in val.parents or val in train.parents:
+        raise DatasetError(
+            f"data.val_dir = '{val_dir}' overlaps data.train_dir = '{train_dir}': validation images would be "
+            "trained on. Use a separate folder, or leave data.val_dir unset and hold out images with data.val_split"
+        )
 
 
 def stable_subset(records: list[ImageRecord], config: Config) -> list[ImageRecord]:

@@ -6,10 +6,22 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from difftune.config.loading import ConfigError, write_resolved_config
+from difftune.config.loading import (
+    ConfigError,
+    config_to_dict,
+    read_config_file,
+    validate_config,
+    write_resolved_config,
+)
 from difftune.config.schema import Config
 
 RESOLVED_CONFIG = "config.resolved.toml"
+MAY_CHANGE_ON_RESUME = (
+    "train.max_steps", "train.max_epochs", "output.", "sample.", "validation.every_n_steps",
+    "validation.every_n_epochs", "data.num_workers",
+)
+"""Settings a resumed run may change: its length, what it saves, samples and logs, and how often it
+validates. Anything else would make the continued run a different training than the one saved."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,33 @@ def open_run_dir(config: Config, resuming: bool) -> RunDir:
             path.unlink(missing_ok=True)
         for path in (run.checkpoints, run.samples, run.plots, run.tensorboard):
             shutil.rmtree(path, ignore_errors=True)
+    if resuming and run.config.exists():
+        _refuse_changed_training(config, run)
     for path in (run.root, run.checkpoints, run.samples, run.plots):
         path.mkdir(parents=True, exist_ok=True)
     write_resolved_config(config, run.config)
     return run
+
+
+def _refuse_changed_training(config: Config, run: RunDir) -> None:
+    """A resume continues the saved training: its optimizer, schedule and data order come from the
+    checkpoint, so a changed LR or dataset would be recorded but not (or only half) in effect."""
+
+    def flat(c: Config) -> dict:
+        return {f"{section}.{key}": value for section, keys in config_to_dict(c).items() for key, value in keys.items()}
+
+    saved = flat(validate_config(read_config_file(run.config), str(run.config)))
+    wanted = flat(config)
+    changed = [
+        f"{key}: {saved.get(key, '(default)')!r} in the run, {wanted.get(key, '(default)')!r} now"
+        for key in sorted(saved.keys() | wanted.keys())
+        if saved.get(key) != wanted.get(key) and not key.startswith(MAY_CHANGE_ON_RESUME)
+    ]
+    if changed:
+        listing = "\n  ".join(changed)
+        raise ConfigError(
+            f"--resume {run.root}: the config differs from the run's {RESOLVED_CONFIG}:\n  {listing}\n"
+            "A resume continues the same training; only the run length (train.max_steps, train.max_epochs), "
+            "output.*, sample.*, validation.every_n_* and data.num_workers may change. Resume with the run's own "
+            f"config (`difftune train {run.config} --resume {run.root}`), or start a new run in another output.dir"
+        )

@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from difftune.checkpoint import lora_formats as formats
 from difftune.cli.main import main
@@ -68,6 +68,26 @@ def test_every_type_trains_saves_and_reloads(quick_config, network):
     assert any(k.endswith("dora_scale") for k in tensors) == bool(network.get("dora"))
     # describe() (what doctor prints) predicts the file size; only metadata digits may differ.
     assert abs(trainer.network.describe()["file_bytes"] - path.stat().st_size) < 128
+
+
+@pytest.mark.parametrize("network", [{"type": t, "rank": 4, "alpha": 2} for t in ("lora", "locon", "loha", "lokr", "glora")]
+                         + [{"type": t} for t in ("ia3", "diag-oft", "boft", "full")]
+                         + [{"type": "loha", "rank": 4, "alpha": 2, "dora": True}])
+def test_merged_model_matches_the_live_network(quick_config, network):
+    """A merge bakes in what `sample --lora` renders, at the same scale (alpha != rank catches a scale
+    applied twice), and a file without difftune's metadata (another trainer's) loads the same."""
+    path = final_file(train_network(quick_config, network=network))
+    live = load_model(ModelConfig(path="tiny-sd"))
+    load_lora_file(live, path, multiplier=0.7)
+    merged = load_model(ModelConfig(path="tiny-sd"))
+    load_lora_file(merged, path, multiplier=0.7, attach=False).merge(0.7)
+    torch.testing.assert_close(outputs(merged), outputs(live), rtol=1e-4, atol=1e-5)
+    if network["type"] in ("lora", "locon", "loha", "lokr"):  # what LyCORIS detects from tensor names
+        foreign = path.with_name("foreign.safetensors")
+        save_file(load_file(path), foreign)  # no metadata, as from kohya, civitai or another trainer
+        other = load_model(ModelConfig(path="tiny-sd"))
+        load_lora_file(other, foreign, multiplier=0.7)
+        torch.testing.assert_close(outputs(other), outputs(live), rtol=1e-4, atol=1e-5)
 
 
 def test_lora_loads_in_diffusers_and_changes_the_pipeline_as_trained(quick_config):

@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
 from difftune.checkpoint.atomic import atomic_path
@@ -211,10 +211,13 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     if path.suffix.lower() != ".safetensors":
         raise LoraFormatError(f"{path}: LoRA files are read as .safetensors only (pickled .pt/.ckpt files can run code)")
     tensors = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = dict(f.metadata() or {})
-        for key in f.keys():
-            tensors[key] = f.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise LoraFormatError(f"{path}: not a readable .safetensors file ({e}); was it fully downloaded?") from e
     return tensors, metadata, detect_layout(tensors, str(path))
 
 

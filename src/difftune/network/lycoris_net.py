@@ -17,6 +17,7 @@ What this wrapper adds to LyCORIS:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -255,6 +256,8 @@ class LoraFamilyNetwork:
         if self.attached:
             raise RuntimeError("detach the network before merging it")
         for module in self.loras:
+            if type(module).__name__ in _SCALED_TWICE_ON_MERGE:
+                module.get_diff_weight = functools.partial(_live_diff_weight, module)
             module.merge_to(scale)
 
     def _hosts(self) -> list[torch.nn.Module]:
@@ -403,6 +406,13 @@ def _load_module(module, parts: dict[str, torch.Tensor], where: str) -> None:
     if isinstance(module, DyLoraModule):
         _load_dylora(module, parts, file_alpha, where)
         return
+    expected = {k: v.shape for k, v in module.state_dict().items() if k != "alpha"}
+    if set(parts) - set(expected):  # first: a wrong algorithm explains every other mismatch
+        raise formats.LoraFormatError(f"{where}: tensors {sorted(set(parts) - set(expected))} do not belong to a "
+                         f"{type(module).__name__} (expected {sorted(expected)}); is network.type the file's algorithm?")
+    if set(expected) - set(parts):
+        raise formats.LoraFormatError(f"{where}: the file lacks {sorted(set(expected) - set(parts))}, which this "
+                         f"{type(module).__name__} has (network.dora, or the algorithm, differs from the file's)")
     if file_alpha is not None and hasattr(module, "alpha") and not torch.allclose(file_alpha.float(), module.alpha.float()):
         if isinstance(module, LoConModule) and "lora_up.weight" in parts:
             rank = parts["lora_down.weight"].shape[0]
@@ -411,10 +421,6 @@ def _load_module(module, parts: dict[str, torch.Tensor], where: str) -> None:
         else:
             raise formats.LoraFormatError(f"{where}: alpha {float(file_alpha):g} differs from the network's {float(module.alpha):g}; "
                              "set network.alpha to match the file")
-    expected = {k: v.shape for k, v in module.state_dict().items() if k != "alpha"}
-    if set(parts) - set(expected):
-        raise formats.LoraFormatError(f"{where}: tensors {sorted(set(parts) - set(expected))} do not belong to a "
-                         f"{type(module).__name__} (expected {sorted(expected)}); is network.type the file's algorithm?")
     for key, value in parts.items():
         if tuple(value.shape) != tuple(expected[key]):
             raise formats.LoraFormatError(f"{where}.{key}: shape {tuple(value.shape)} but the network has {tuple(expected[key])} "
@@ -469,6 +475,17 @@ def _save_dtype(config: Config | None) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+_SCALED_TWICE_ON_MERGE = ("LohaModule", "LokrModule")
+"""In LyCORIS 4.1.3 these modules' get_weight() already applies alpha/rank and get_diff_weight() (what
+merge_to uses) applies it again, so a merge with alpha != rank would bake in the wrong strength."""
+
+
+def _live_diff_weight(module, multiplier=1.0, shape=None, device=None):
+    """The weight change the module applies in its forward (get_weight is scaled once), times `multiplier`."""
+    diff = module.get_weight(shape) * module.scalar * multiplier
+    return (diff.to(device) if device is not None else diff), None
+
+
 # ------------------------------------------------------------------------------------ from files
 def load_lora_file(model: DiffusionModel, path: str | Path, multiplier: float = 1.0, attach: bool = True) -> LoraFamilyNetwork:
     """Put a LoRA-family file (kohya or diffusers layout) on `model`.
@@ -495,11 +512,14 @@ def load_lora_file(model: DiffusionModel, path: str | Path, multiplier: float = 
 
 
 def _foreign(model: DiffusionModel, tensors: dict[str, torch.Tensor], multiplier: float, source: str) -> LoraFamilyNetwork:
-    from lycoris.kohya import create_network_from_weights
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 
     text = formats.kohya_text_encoder(model.text_encoder)
     try:
         with _quiet_lycoris():
+            # create_network_from_weights first builds (and discards) a network from LyCORIS's class-level
+            # preset, whose default fails on a diffusers UNet ("duplicated lora name"): give it ours.
+            LycorisNetworkKohya.apply_preset(PRESETS["attn-only"])
             net, _ = create_network_from_weights(multiplier, None, None, text, model.unet, weights_sd=tensors)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise formats.LoraFormatError(f"{source}: LyCORIS could not rebuild this network: {e}") from e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -127,6 +128,11 @@ def test_run_directory_contract(quick_config, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     for key in ["final_val_loss", "best_val_loss", "best_val_step", "steps_per_second", "wall_seconds", "peak_memory_mb"]:
         assert summary[key] is not None, key
+    # Written atomically, yet readable like any file (a UI running as another user loads them).
+    umask = os.umask(0)
+    os.umask(umask)
+    for path, usual in [(run / "summary.json", 0o666), (run / "checkpoints/final", 0o777)]:
+        assert path.stat().st_mode & 0o777 == usual & ~umask, path
     pipe = StableDiffusionPipeline.from_pretrained(run / "checkpoints/final", local_files_only=True)
     trained = unet_weights(run / "checkpoints/final")
     assert torch.equal(pipe.unet.conv_out.weight, trained["conv_out.weight"])

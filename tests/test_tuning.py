@@ -194,6 +194,23 @@ def test_lr_from_sets_lr_or_cyclic_bounds(tmp_path):
     result.write_text(json.dumps({"lr": None, "lr_min": None, "lr_max": None, "verdict": "the loss never fell"}))
     with pytest.raises(ConfigError, match="recommends no LR .*never fell"):
         validate_config({"train": {"lr_from": str(result)}})
+    for bad in ("abc", [1], -1e-3, True):  # an edited file: a clear error, never a traceback or a silent lr 1
+        result.write_text(json.dumps({"lr": bad, "lr_min": 1e-5, "lr_max": bad}))
+        with pytest.raises(ConfigError, match="'lr' is .*not a positive learning rate"):
+            validate_config({"train": {"lr_from": str(result)}})
+        with pytest.raises(ConfigError, match="'lr_max' is .*not a positive learning rate"):
+            validate_config({"train": {"lr_from": str(result), "lr_scheduler": "cyclic"}})
+
+
+def test_tuners_refuse_an_optimizer_that_ignores_the_lr(quick_config):
+    from difftune.tuning.lr_finder import find_lr
+    from difftune.tuning.step_finder import find_steps
+
+    config = quick_config(optimizer={"name": "adafactor"})  # relative_step = true by default: its own LR
+    with pytest.raises(ConfigError, match="find-lr: .*ignores train.lr.*relative_step = false"):
+        find_lr(config, show_progress=False)
+    with pytest.raises(ConfigError, match="find-steps: .*ignores train.lr"):
+        find_steps(config, 1e-3, show_progress=False)
 
 
 # -------------------------------------------------------------------------------------- integration
@@ -245,6 +262,9 @@ def test_find_lr_command_leaves_the_users_model_and_run_untouched(digits_dir, mo
     for name in ("find_lr.json", "curve.csv", "find_lr.png", "probe_losses.npz"):
         assert (folder / name).is_file(), name
     assert (folder / "curve.csv").read_text().splitlines()[0].startswith("point,lr,step,train_loss,score")
+    # The probe's loss sits beside the training batches' loss, never over it, and the header says what it probed.
+    assert result["curve"][0]["val_probe_loss"] != result["curve"][0]["train_loss"]
+    assert result["sweep"]["probe"] == "val" and "probe: 12 validation images" in out
     assert tree_digest(model_folder) == model_before
     # The user's own run files are byte-identical; only the find-lr/ subfolder was added.
     assert tree_digest(run) != run_before and (run / "metrics.jsonl").read_text() == '{"step": 0}\n'
@@ -288,6 +308,18 @@ def test_find_steps_stops_early_and_keeps_the_best_checkpoint(digits_dir, tmp_pa
     if result["best_step"]:
         assert (run / "checkpoints" / "best" / "unet").is_dir()
         assert not (run / "checkpoints" / "best" / "training_state").exists()  # export only
+
+
+def test_find_steps_reports_what_it_measured_when_training_diverges_between_validations(digits_dir, tmp_path, capsys):
+    data = quick_config_dict(digits_dir, tmp_path / "run", find_steps={"max_steps": 30, "every_n_steps": 10})
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(data))
+    # lr 10 turns the loss into NaN within a few steps, before the first validation after step 0.
+    code = main(["find-steps", str(config), "--lr", "10", "--no-progress", "--json", str(tmp_path / "s.json")])
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert code == 1  # the untrained model stayed the best: a failure a script can see
+    assert result["best_step"] == 0 and result["early_stop"].startswith("training diverged: loss is nan at step")
+    assert "never improved on the untrained model" in capsys.readouterr().out
 
 
 def test_auto_end_to_end_and_the_final_model_equals_the_best_checkpoint(digits_dir, tmp_path, capsys):

@@ -25,11 +25,9 @@ def diagnose(config: Config) -> dict[str, Any]:
 
 
 def _advice(config: Config, total_steps: int) -> list[str]:
-    """Experience-based warnings from the optimizer/schedule catalogue (when it provides them)."""
-    try:
-        from difftune.optim.advice import optimizer_warnings
-    except ImportError:
-        return []
+    """Experience-based warnings from the optimizer/schedule catalogue."""
+    from difftune.optim.advice import optimizer_warnings
+
     return optimizer_warnings(config, total_steps, full_finetune=config.network.type in (None, "none"))
 
 

@@ -10,12 +10,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _usual_mode(directory: bool) -> int:
+    """The permissions a plain open()/mkdir() would give (mkstemp/mkdtemp make private 0600/0700
+    files, which a UI running as another user could not read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
 def atomic_directory(final: Path):
     """Yield a temporary sibling folder; on success it replaces `final` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    os.chmod(tmp, _usual_mode(directory=True))
     try:
         yield tmp
         if final.exists():
@@ -35,6 +44,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.chmod(tmp, _usual_mode(directory=False))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -58,6 +68,7 @@ def atomic_path(final: Path):
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}-", dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, _usual_mode(directory=False))
     try:
         yield Path(tmp)
         os.replace(tmp, final)

@@ -27,6 +27,17 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (steps, pixels): a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
 def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
     parser.add_argument("config", nargs=None if config_required else "?", help="config file (.toml, .yaml, .json)")
     parser.add_argument(
@@ -57,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schedule", help="plot the LR schedule of a config (no model is loaded)")
     _add_config_args(p)
     p.add_argument("--out", default=None, help="PNG path (default: <output.dir>/plots/schedule.png)")
-    p.add_argument("--steps", type=int, default=None, help="total steps (default: from the dataset plan, else max_steps)")
+    p.add_argument("--steps", type=positive_int, default=None, help="total steps (default: from the dataset plan, else max_steps)")
     _add_lora_commands(sub)
     _add_tuning_commands(sub)
     return parser
@@ -104,12 +115,12 @@ def _add_lora_commands(sub) -> None:
     p.add_argument("--lora", default=None, help="LoRA-family .safetensors to apply")
     p.add_argument("--scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--cfg-scale", type=float, default=7.0)
     p.add_argument("--sampler", default="euler", choices=["euler", "euler_a", "ddim", "dpmpp_2m", "ddpm"])
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=positive_int, default=None)
+    p.add_argument("--height", type=positive_int, default=None)
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--out", default="sample.png", help="PNG path (several prompts: a grid here plus -N files)")
 
@@ -197,6 +208,7 @@ def cmd_doctor(args) -> int:
 
 def cmd_schedule(args) -> int:
     from difftune.config.loading import load_config
+    from difftune.optim.advice import optimizer_warnings
     from difftune.optim.preview import format_schedule_table, write_schedule_preview
 
     config = load_config(args.config, args.overrides)
@@ -212,6 +224,8 @@ def cmd_schedule(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     table = write_schedule_preview(config, out, steps)
     print(format_schedule_table(table))
+    for warning in optimizer_warnings(config, steps, full_finetune=config.network.type in (None, "none")):
+        print(f"warning: {warning}")
     print(f"plot: {out}")
     return 0
 
@@ -283,7 +297,7 @@ def cmd_find_steps(args) -> int:
     result = find_steps(load_config(args.config, args.overrides), args.lr, show_progress=not args.no_progress)
     print(format_result(result))
     _write_json(args.json, result)
-    return 0 if result["best_step"] is not None else 1
+    return 0 if result["best_step"] else 1  # None: nothing measured; 0: the untrained model was best
 
 
 def cmd_auto(args) -> int:

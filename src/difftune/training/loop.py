@@ -46,7 +46,11 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message says at which step and LR."""
+    """The loss became NaN or infinite; the message says at which step and LR (`what`) and what to try."""
+
+    def __init__(self, what: str, advice: str):
+        super().__init__(f"{what}: {advice}")
+        self.what = what
 
 
 def train(config: Config, resume: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
@@ -172,8 +176,8 @@ class Trainer:
                 loss = per_sample_loss(model, latents, conditioning, noise, timesteps, cfg.train.min_snr_gamma).mean()
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {self.state.step + 1} (lr {self.current_lrs()['lr']:.3g}): "
-                    "lower train.lr, enable train.clip_grad_norm, or check mixed precision"
+                    f"loss is {loss.item()} at step {self.state.step + 1} (lr {self.current_lrs()['lr']:.3g})",
+                    "lower train.lr, enable train.clip_grad_norm, or check mixed precision",
                 )
             # Micro-batches are averaged, so the gradient does not grow with grad_accum.
             accelerator.backward(loss / len(group))

@@ -97,29 +97,58 @@ def restore(trainer, saved: dict[str, Any]) -> None:
     trainer.state = copy.deepcopy(saved["state"])
 
 
-def make_probes(trainer, config: Config) -> dict[str, Any]:
-    """The fixed probes of the sweep: held-out images and/or a fixed training subset, with enough draws
-    per image to reach find_lr.probe_items items (more items, less noise in the curve)."""
-    from difftune.training.plan import stable_subset
-    from difftune.training.validation import FixedProbe
+def refuse_lr_free(config: Config, command: str) -> None:
+    """An optimizer that ignores train.lr (adaptive Adafactor) would make a sweep over lr meaningless:
+    the loss falls at every point because the optimizer sets its own step size."""
+    from difftune.config.loading import ConfigError
+    from difftune.optim.optimizers import lr_ignored
 
-    settings, v = config.find_lr, config.validation
+    if lr_ignored(config):
+        raise ConfigError(
+            f"{command}: optimizer.name = '{config.optimizer.name}' with relative_step = true computes its own LR "
+            "and ignores train.lr, so there is no LR to find. Set optimizer.relative_step = false and "
+            "optimizer.scale_parameter = false (and optimizer.warmup_init = false) to sweep it like any optimizer"
+        )
+
+
+def probe_sources(trainer, config: Config) -> dict[str, list]:
+    """Which images the sweep probes: {'val': held-out images, 'train': a fixed training subset}."""
+    from difftune.training.plan import stable_subset
+
+    settings = config.find_lr
     sources = {"val": trainer.plan.val_records, "train": stable_subset(trainer.plan.train_records, config)}
     wanted = ["val", "train"] if settings.probe == "both" else [settings.probe]
     if settings.probe == "val" and not sources["val"]:
         wanted = ["train"]  # no held-out images: the training subset is the only probe there is
-    probes = {}
-    for name in wanted:
-        records = sources[name]
-        if not records:
-            continue
-        draws = max(v.draws_per_image, math.ceil(settings.probe_items / len(records)))
-        probes[name] = FixedProbe(records, config.data.resolution, v.seed, draws, v.batch_size or config.train.batch_size)
-    if not probes:
+    chosen = {name: sources[name] for name in wanted if sources[name]}
+    if not chosen:
         from difftune.config.loading import ConfigError
 
         raise ConfigError(f"find_lr.probe = {settings.probe!r}: no images to probe with (no validation or training images)")
-    return probes
+    return chosen
+
+
+def describe_probes(sources: dict[str, list], config: Config) -> str:
+    """'3 validation images', or what replaced them, for the sweep's header line."""
+    parts = [f"{len(records)} {'validation' if name == 'val' else 'fixed training'} images"
+             for name, records in sources.items()]
+    if config.find_lr.probe == "val" and "val" not in sources:
+        parts[-1] += " (no validation images: set data.val_split or data.val_dir for a held-out probe)"
+    return " + ".join(parts)
+
+
+def make_probes(trainer, config: Config) -> dict[str, Any]:
+    """The fixed probes of the sweep, with enough draws per image to reach find_lr.probe_items items
+    (more items, less noise in the curve)."""
+    from difftune.training.validation import FixedProbe
+
+    settings, v = config.find_lr, config.validation
+    return {
+        name: FixedProbe(records, config.data.resolution, v.seed,
+                         max(v.draws_per_image, math.ceil(settings.probe_items / len(records))),
+                         v.batch_size or config.train.batch_size)
+        for name, records in probe_sources(trainer, config).items()
+    }
 
 
 def run_sweep(
@@ -176,7 +205,7 @@ def run_sweep(
             row = {"point": point, "lr": lrs[point], "step": trainer.state.step,
                    "train_loss": float(np.mean(losses)), "score": score}
             for name, r in results.items():
-                row[f"{name}_loss"] = r.loss
+                row[f"{name}_probe_loss"] = r.loss  # beside train_loss (the training batches' loss), not over it
             rows.append(row)
             if on_point is not None:
                 on_point(row)
@@ -198,6 +227,7 @@ def run_sweep(
         "rows": rows,
         "stop_reason": stop_reason,
         "steps": steps_done,
+        "probes": sorted(probes),
         "probe_evaluations": len(rows) + 1,
         "probe_items": int(baseline.size),
         "seconds": time.perf_counter() - started,
@@ -228,6 +258,7 @@ def find_lr(config: Config, show_progress: bool = True) -> dict[str, Any]:
     from difftune.training.loop import Trainer
     from difftune.tuning.plots import plot_lr_sweep
 
+    refuse_lr_free(config, "find-lr")
     settings = config.find_lr
     start, end = lr_range(config)
     point_lrs, step_lrs = ramp(start, end, settings.num_points, settings.steps_per_point, settings.shape)
@@ -244,7 +275,7 @@ def find_lr(config: Config, show_progress: bool = True) -> dict[str, Any]:
     progress = Progress(len(point_lrs), description="find-lr", enabled=show_progress)
     progress.write(
         f"find-lr: {settings.shape} sweep {start:.3g} → {end:.3g}, {settings.num_points} points x "
-        f"{settings.steps_per_point} steps, probe: {settings.probe}"
+        f"{settings.steps_per_point} steps, probe: {describe_probes(probe_sources(trainer, config), config)}"
     )
 
     def on_point(row):
@@ -273,7 +304,7 @@ def find_lr(config: Config, show_progress: bool = True) -> dict[str, Any]:
         "sweep": {
             "start_lr": start, "end_lr": end, "shape": settings.shape, "num_points": settings.num_points,
             "steps_per_point": settings.steps_per_point, "points_measured": len(raw["rows"]),
-            "probe": settings.probe, "probe_items": raw["probe_items"], "stopped": raw["stop_reason"],
+            "probe": "+".join(raw["probes"]), "probe_items": raw["probe_items"], "stopped": raw["stop_reason"],
         },
         "cost": {
             "steps": raw["steps"],

@@ -10,6 +10,7 @@ Any other schedule uses the recommended `lr` as its peak.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from difftune.config.schema import Config
@@ -31,19 +32,33 @@ def apply_lr_from(config: Config, source: str) -> None:
         raise ConfigError(f"{key}: file not found (expected the find_lr.json that `difftune find-lr` writes)")
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{key}: not a readable find-lr result: {e}") from None
     if not isinstance(result, dict) or "lr" not in result:
         raise ConfigError(f"{key}: not a find-lr result (no 'lr' key; expected the find_lr.json of `difftune find-lr`)")
+    verdict = result.get("verdict")
     if config.train.lr_scheduler == "cyclic":
-        low, high = result.get("lr_min"), result.get("lr_max")
+        low, high = (_learning_rate(result, k, key) for k in ("lr_min", "lr_max"))
         if not (low and high and low < high):
             raise ConfigError(
                 f"{key}: train.lr_scheduler = 'cyclic' needs lr_min < lr_max from the sweep, the file has "
-                f"lr_min = {low}, lr_max = {high} (verdict: {result.get('verdict')})"
+                f"lr_min = {low}, lr_max = {high} (verdict: {verdict})"
             )
-        config.train.lr_min, config.train.lr = float(low), float(high)
+        config.train.lr_min, config.train.lr = low, high
         return
-    if not result["lr"]:
-        raise ConfigError(f"{key}: that sweep recommends no LR (verdict: {result.get('verdict')})")
-    config.train.lr = float(result["lr"])
+    lr = _learning_rate(result, "lr", key)
+    if lr is None:
+        raise ConfigError(f"{key}: that sweep recommends no LR (verdict: {verdict})")
+    config.train.lr = lr
+
+
+def _learning_rate(result: dict, name: str, key: str) -> float | None:
+    """result[name] as a positive finite float, None when absent or null; ConfigError for anything else."""
+    from difftune.config.loading import ConfigError
+
+    value = result.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key}: '{name}' is {value!r}, not a positive learning rate; was the file edited?")
+    return float(value)

@@ -3,6 +3,8 @@ and the step search (validation loss against step, best step and band marked).""
 
 from __future__ import annotations
 
+import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ def plot_lr_sweep(result: dict[str, Any], path: Path) -> Path:
     curve = result["curve"]
     lrs = [row["lr"] for row in curve]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    finite = [(lr, row["score"]) for lr, row in zip(lrs, curve, strict=True) if row.get("score") is not None]
+    finite = [(lr, row["score"]) for lr, row in zip(lrs, curve, strict=True)
+              if row.get("score") is not None and math.isfinite(row["score"])]
     if finite:
         ax.plot(*zip(*finite, strict=True), "o", color="tab:blue", alpha=0.45, markersize=4, label="probe score")
     smooth = [(lr, row["smoothed"]) for lr, row in zip(lrs, curve, strict=True) if row.get("smoothed") is not None]
@@ -37,7 +40,11 @@ def plot_lr_sweep(result: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("probe loss / loss before training")
-    ax.set_title(f"find-lr: {result.get('verdict', '')}"[:110], fontsize=9)
+    ax.set_title(textwrap.fill(f"find-lr: {result.get('verdict', '')}", 110), fontsize=9)
+    if lrs:
+        ax.set_xlim(min(lrs) / 1.5, max(lrs) * 1.5)  # the swept range, even when no point is finite
+    if not finite:
+        ax.text(0.5, 0.5, "no finite probe loss at any point", transform=ax.transAxes, ha="center")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     if finite:

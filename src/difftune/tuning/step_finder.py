@@ -50,9 +50,11 @@ def find_steps(config: Config, lr: float | None = None, show_progress: bool = Tr
     from difftune.checkpoint.atomic import atomic_write_json
     from difftune.config.loading import ConfigError
     from difftune.reporting.metrics import read_metrics
-    from difftune.training.loop import Trainer
+    from difftune.training.loop import Trainer, TrainingDiverged
+    from difftune.tuning.lr_finder import refuse_lr_free
     from difftune.tuning.plots import plot_step_search
 
+    refuse_lr_free(config, "find-steps")
     lr = config.train.lr if lr is None else lr
     if lr <= 0:
         raise ConfigError(f"--lr {lr}: the learning rate must be positive")
@@ -67,7 +69,11 @@ def find_steps(config: Config, lr: float | None = None, show_progress: bool = Tr
             "find-steps needs validation images: set data.val_split > 0 or data.val_dir "
             f"(the run would have no validation loss to stop on); config {config.output.dir}"
         )
-    summary = trainer.run()
+    diverged = None
+    try:
+        steps_done = trainer.run()["steps"]
+    except TrainingDiverged as e:  # between validations: the curve so far and the best export still stand
+        steps_done, diverged = trainer.state.step, f"training diverged: {e.what}"
     root = trainer.run_dir.root
     records = read_metrics(trainer.run_dir.metrics)
     curve = [
@@ -79,8 +85,8 @@ def find_steps(config: Config, lr: float | None = None, show_progress: bool = Tr
     result = {
         "lr": lr,
         **analysis.to_json(),
-        "early_stop": stopper.reason if stopper is not None else None,
-        "stopped_at": summary["steps"],
+        "early_stop": diverged or (stopper.reason if stopper is not None else None),
+        "stopped_at": steps_done,
         "max_steps": run_config.train.max_steps,
         "every_n_steps": run_config.validation.every_n_steps,
         "criteria": {"patience": settings.patience, "gl_alpha": settings.gl_alpha,
@@ -88,7 +94,7 @@ def find_steps(config: Config, lr: float | None = None, show_progress: bool = Tr
         "curve": curve,
         "best_checkpoint": str(best_dir) if best_dir.is_dir() else None,
         "run_dir": str(root),
-        "cost": {"steps": summary["steps"], "seconds": time.perf_counter() - started},
+        "cost": {"steps": steps_done, "seconds": time.perf_counter() - started},
     }
     files = {"json": root / "find_steps.json", "plot": root / "find_steps.png"}
     result["files"] = {k: str(v) for k, v in files.items()}

@@ -3,8 +3,8 @@
 Layout (kohya convention): images with same-name caption files; a subfolder named `N_name` repeats
 its images N times. Every problem (unreadable image, missing caption, image format we do not train on,
 a repeat folder without images or with N = 0) is collected and reported together before training
-starts. Files that are not images (notes, captions without an image) are reported as warnings, so
-nothing is skipped silently. Symlinked subfolders are followed.
+starts. Captions without an image and unknown files are reported as warnings, so nothing is skipped
+silently (known sidecars such as latent caches are not). Symlinked subfolders are followed.
 """
 
 from __future__ import annotations
@@ -145,12 +145,12 @@ def scan_image_folder(
 
 def _repeat_folder_problems(folders: list[Path], images: list[Path]) -> list[str]:
     """`N_name` folders with N = 0, or with no image anywhere below them (a typo'd extension, say)."""
-    problems = []
+    problems, with_images = [], {parent for p in images for parent in p.parents}
     for folder in folders:
         match = REPEAT_FOLDER.match(folder.name)
         if match and int(match.group(1)) == 0:
             problems.append(f"{folder}: repeat count 0 in '{folder.name}' (the N of N_name must be 1 or more)")
-        elif match and not any(folder in p.parents for p in images):
+        elif match and folder not in with_images:
             problems.append(f"{folder}: no images in this repeat folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return problems
 

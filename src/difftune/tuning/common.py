@@ -52,3 +52,17 @@ def is_full_finetune(config: Config) -> bool:
 
 def format_lr(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
+
+
+def refuse_lr_free(config: Config, command: str) -> None:
+    """An optimizer that ignores train.lr (adaptive Adafactor) would make a sweep over lr meaningless:
+    the loss falls at every point because the optimizer sets its own step size."""
+    from difftune.config.loading import ConfigError
+    from difftune.optim.optimizers import lr_ignored
+
+    if lr_ignored(config):
+        raise ConfigError(
+            f"{command}: optimizer.name = '{config.optimizer.name}' with relative_step = true computes its own LR "
+            "and ignores train.lr, so there is no LR to find. Set optimizer.relative_step = false and "
+            "optimizer.scale_parameter = false (and optimizer.warmup_init = false) to sweep it like any optimizer"
+        )

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from difftune.config.schema import Config
-from difftune.tuning.common import format_lr, is_full_finetune, sub_config
+from difftune.tuning.common import format_lr, is_full_finetune, refuse_lr_free, sub_config
 from difftune.tuning.curve import analyze_lr_sweep, json_safe, should_stop
 
 FOLDER = "find-lr"
@@ -95,20 +95,6 @@ def restore(trainer, saved: dict[str, Any]) -> None:
     trainer.optimizer.load_state_dict(copy.deepcopy(saved["optimizer"]))
     trainer.scheduler.load_state_dict(copy.deepcopy(saved["scheduler"]))
     trainer.state = copy.deepcopy(saved["state"])
-
-
-def refuse_lr_free(config: Config, command: str) -> None:
-    """An optimizer that ignores train.lr (adaptive Adafactor) would make a sweep over lr meaningless:
-    the loss falls at every point because the optimizer sets its own step size."""
-    from difftune.config.loading import ConfigError
-    from difftune.optim.optimizers import lr_ignored
-
-    if lr_ignored(config):
-        raise ConfigError(
-            f"{command}: optimizer.name = '{config.optimizer.name}' with relative_step = true computes its own LR "
-            "and ignores train.lr, so there is no LR to find. Set optimizer.relative_step = false and "
-            "optimizer.scale_parameter = false (and optimizer.warmup_init = false) to sweep it like any optimizer"
-        )
 
 
 def probe_sources(trainer, config: Config) -> dict[str, list]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from difftune.config.schema import Config
-from difftune.tuning.common import constant_lr_changes, sub_config
+from difftune.tuning.common import constant_lr_changes, refuse_lr_free, sub_config
 from difftune.tuning.curve import EarlyStopping, analyze_steps, json_safe
 
 FOLDER = "find-steps"
@@ -51,7 +51,6 @@ def find_steps(config: Config, lr: float | None = None, show_progress: bool = Tr
     from difftune.config.loading import ConfigError
     from difftune.reporting.metrics import read_metrics
     from difftune.training.loop import Trainer, TrainingDiverged
-    from difftune.tuning.lr_finder import refuse_lr_free
     from difftune.tuning.plots import plot_step_search
 
     refuse_lr_free(config, "find-steps")

@@ -12,7 +12,7 @@ def diagnose(config: Config) -> dict[str, Any]:
     """Everything doctor reports, as JSON-ready data. Raises DatasetError on unusable data."""
     plan = make_plan(config)
     report = {"config_ok": True, "plan": plan.to_json(), "warnings": list(plan.warnings)}
-    report["warnings"] += _advice(config, plan.total_steps)
+    report["warnings"] += advice(config, plan.total_steps)
     from difftune.optim.advice import lr_summary
 
     report["extra"] = {**report.get("extra", {}), **lr_summary(config, plan.total_steps)}
@@ -24,7 +24,7 @@ def diagnose(config: Config) -> dict[str, Any]:
     return report
 
 
-def _advice(config: Config, total_steps: int) -> list[str]:
+def advice(config: Config, total_steps: int) -> list[str]:
     """Experience-based warnings from the optimizer/schedule catalogue."""
     from difftune.optim.advice import optimizer_warnings
 

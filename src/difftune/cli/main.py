@@ -208,7 +208,7 @@ def cmd_doctor(args) -> int:
 
 def cmd_schedule(args) -> int:
     from difftune.config.loading import load_config
-    from difftune.optim.advice import optimizer_warnings
+    from difftune.doctor import advice
     from difftune.optim.preview import format_schedule_table, write_schedule_preview
 
     config = load_config(args.config, args.overrides)
@@ -224,7 +224,7 @@ def cmd_schedule(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     table = write_schedule_preview(config, out, steps)
     print(format_schedule_table(table))
-    for warning in optimizer_warnings(config, steps, full_finetune=config.network.type in (None, "none")):
+    for warning in advice(config, steps):  # the same advice doctor gives
         print(f"warning: {warning}")
     print(f"plot: {out}")
     return 0

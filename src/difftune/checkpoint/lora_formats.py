@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
 from difftune.checkpoint.atomic import atomic_path
+from difftune.errors import LoraFormatError  # noqa: F401  (re-exported for callers)
 
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
@@ -39,8 +40,6 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
                       torch.int64: "I64", torch.int32: "I32"}
 
 
-class LoraFormatError(ValueError):
-    """A LoRA file or conversion difftune cannot handle; the message says which keys and why."""
 
 
 # ------------------------------------------------------------------------------------------ names

@@ -137,15 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USER_ERROR
-    from difftune.checkpoint.lora_formats import LoraFormatError
-    from difftune.config.loading import ConfigError
-    from difftune.data.records import DatasetError
-    from difftune.models.loading import ModelLoadError
-    from difftune.training.loop import TrainingDiverged
+    from difftune.errors import TrainingDiverged, UserError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, ModelLoadError, LoraFormatError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingDiverged as e:

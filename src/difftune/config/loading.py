@@ -17,10 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from difftune.config.schema import Config
-
-
-class ConfigError(ValueError):
-    """A config problem the user can fix; the message lists every problem found."""
+from difftune.errors import ConfigError  # noqa: F401  (re-exported for callers)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

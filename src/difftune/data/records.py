@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from difftune.errors import DatasetError  # noqa: F401  (re-exported for callers)
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp")
 OTHER_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".psd", ".svg", ".jp2")
 """Image formats a user may drop in the folder that difftune does not train on: an error, not a skip."""
@@ -24,8 +26,6 @@ SIDECAR_EXTENSIONS = (".npz", ".json", ".toml", ".yaml", ".yml", ".md")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
-class DatasetError(ValueError):
-    """The dataset has problems; the message lists every offending file."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from difftune.config.schema import ModelConfig
+from difftune.errors import ModelLoadError  # noqa: F401  (re-exported for callers)
 from difftune.models.sd import StableDiffusionModel
 from difftune.models.tiny import BUILTIN_MODELS, build_tiny_components
 
@@ -19,8 +20,6 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
 
 
-class ModelLoadError(ValueError):
-    """The model path or its files are not something difftune can load; the message says why."""
 
 
 def load_model(config: ModelConfig) -> StableDiffusionModel:

@@ -20,12 +20,12 @@ from diffusers.loaders.single_file_utils import (
 from transformers import CLIPTextModel
 
 from difftune.config.schema import ModelConfig
+from difftune.errors import SingleFileError  # noqa: F401  (re-exported for callers)
 from difftune.models.clip_tokenizers import (
     BYTE_LEVEL_VOCAB_SIZE,
     byte_level_clip_tokenizer,
     openai_clip_tokenizer,
 )
-from difftune.models.loading import ModelLoadError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -46,8 +46,6 @@ OTHER_ARCHITECTURES = {
 _ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 
 
-class SingleFileError(ModelLoadError):
-    """A single file that is not a loadable SD 1.x/2.x checkpoint; the message says why and what to set."""
 
 
 def shipped_config_dir(family: str) -> Path:

@@ -29,6 +29,7 @@ from difftune.checkpoint.state import (
 from difftune.config.loading import ConfigError, config_to_dict
 from difftune.config.schema import Config
 from difftune.data.dataset import TrainBatches
+from difftune.errors import TrainingDiverged  # noqa: F401  (re-exported for callers)
 from difftune.models import load_model
 from difftune.network import build_network
 from difftune.optim.advice import describe_lr
@@ -45,12 +46,6 @@ from difftune.training.validation import FixedProbe, ProbeResult
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message says at which step and LR (`what`) and what to try."""
-
-    def __init__(self, what: str, advice: str):
-        super().__init__(f"{what}: {advice}")
-        self.what = what
 
 
 def train(config: Config, resume: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:

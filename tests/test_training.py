@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from difftune.config.loading import ConfigError, load_config
+from difftune.errors import CheckpointError
 from difftune.reporting.metrics import read_metrics
 from difftune.training.loop import train
 
@@ -79,7 +80,10 @@ def test_resume_is_bit_exact(quick_config, tmp_path):
 
 def test_resume_without_checkpoint_is_a_clear_error(quick_config, tmp_path):
     config = quick_config(train={"max_steps": 1})
-    with pytest.raises(ConfigError, match="no resumable checkpoint"):
+    with pytest.raises(CheckpointError, match="folder not found"):
+        train(config, resume=tmp_path / "missing", show_progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no resumable save .*\n  no save with training state"):
         train(config, resume=tmp_path / "empty", show_progress=False)
 
 

@@ -9,6 +9,12 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+TEMP_PREFIX = ".tmp-"
+"""Every temporary file and folder starts with this; what a killed process leaves is removed on the next
+start (checkpoint.state.clean_leftovers)."""
+OLD_PREFIX = ".old-"
+"""The previous copy of a folder being replaced, between the two renames of atomic_directory."""
+
 
 def _usual_mode(directory: bool) -> int:
     """The permissions a plain open()/mkdir() would give (mkstemp/mkdtemp make private 0600/0700
@@ -18,18 +24,32 @@ def _usual_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def _usual_modes(root: Path) -> None:
+    """Give every file and folder under `root` the usual permissions. Some writers make private files:
+    safetensors >= 0.5 writes through its own temporary file (mode 0600) and renames it over ours."""
+    file_mode, dir_mode = _usual_mode(directory=False), _usual_mode(directory=True)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), dir_mode)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
+
+
 @contextmanager
 def atomic_directory(final: Path):
     """Yield a temporary sibling folder; on success it replaces `final` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
     os.chmod(tmp, _usual_mode(directory=True))
     try:
         yield tmp
+        _usual_modes(tmp)
         if final.exists():
             # Re-saving the same step (after a resume): move the old copy aside first, then drop it.
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            old = final.with_name(f"{OLD_PREFIX}{final.name}-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -43,7 +63,7 @@ def atomic_directory(final: Path):
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)
     os.chmod(tmp, _usual_mode(directory=False))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -66,11 +86,12 @@ def atomic_path(final: Path):
     `save_file`); on success it replaces `final` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}-", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent)
     os.close(fd)
     os.chmod(tmp, _usual_mode(directory=False))
     try:
         yield Path(tmp)
+        os.chmod(tmp, _usual_mode(directory=False))  # the writer may have replaced our file with its own
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Save and restore everything a run needs to continue bit-exactly.
+"""Save and restore everything a run needs to continue bit-exactly, and never lose a save.
 
 Layout of one save, `checkpoints/step-000120/`:
   <export>                 what users load (diffusers folder, or LoRA file), written by the network
@@ -8,14 +8,23 @@ Layout of one save, `checkpoints/step-000120/`:
     scheduler.pt           LR scheduler state
     rng.pt                 torch / CUDA RNG states
     trainer_state.json     step, epoch, position in the epoch, best validation so far
-`checkpoints/latest.json` names the newest save that has training state.
+  manifest.json            size and sha256 of every file above, written last (checkpoint/manifest.py)
+`checkpoints/latest.json` names the newest save that has training state (for people and scripts; a
+resume does not trust it: it verifies the saves newest first and takes the first intact one).
+
+A save is written into `.tmp-<name>-*` and renamed into place when complete; the leftovers of a
+process killed mid-save are removed by the next run that opens the folder (`clean_leftovers`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +32,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from difftune.checkpoint.atomic import atomic_directory, atomic_write_json
+from difftune.checkpoint.atomic import OLD_PREFIX, TEMP_PREFIX, atomic_directory, atomic_write_json
+from difftune.checkpoint.manifest import MANIFEST, save_bytes, verify_save, write_manifest
+from difftune.errors import CheckpointError, DiskFullError
 
 STATE_DIR = "training_state"
 LATEST = "latest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -41,65 +53,216 @@ class TrainerState:
     best_val_loss: float | None = None
     best_val_step: int | None = None
     elapsed_seconds: float = 0.0
+    """Wall time of all sessions of the run up to this state (start-up excluded)."""
+
+
+@dataclass
+class TrainingState:
+    """What a resume needs besides the export: the trainer writes it in training mode."""
+
+    trainable: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    trainer_state: TrainerState
 
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def save_checkpoint(
-    checkpoints_dir: Path,
-    name: str,
-    *,
-    export,
-    trainable: dict[str, torch.Tensor] | None,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any | None,
-    trainer_state: TrainerState | None,
-) -> Path:
-    """Write one checkpoint atomically. `export(directory)` writes the user-facing files; training
-    state is added when `trainer_state` is given."""
-    final = Path(checkpoints_dir) / name
-    with atomic_directory(final) as tmp:
-        export(tmp)
-        if trainer_state is not None:
-            state_dir = tmp / STATE_DIR
-            state_dir.mkdir()
-            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, state_dir / "trainable.safetensors")
-            torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
-            torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save(rng, state_dir / "rng.pt")
-            (state_dir / "trainer_state.json").write_text(json.dumps(asdict(trainer_state), indent=2))
-    if trainer_state is not None:
-        atomic_write_json(Path(checkpoints_dir) / LATEST, {"checkpoint": name, "step": trainer_state.step})
+# ------------------------------------------------------------------------------------------- save
+def save_checkpoint(checkpoints_dir: Path, name: str, *, export: Callable[[Path], None],
+                    state: TrainingState | None, fault_hook: Callable[[str], None] | None = None) -> Path:
+    """Write one save atomically: the training state (if any), then `export(directory)`, then the manifest.
+
+    Running out of space raises DiskFullError naming the folder and the size of the previous save;
+    the partial save is removed and every earlier save stays as it was. `fault_hook(point)` is called
+    between the stages ("state", "export", "manifest") so tests can kill a save at a chosen point.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    final = checkpoints_dir / name
+    hook = fault_hook or (lambda point: None)
+    try:
+        with atomic_directory(final) as tmp:
+            try:
+                if state is not None:
+                    _write_state(tmp / STATE_DIR, state)
+                hook("state")
+                export(tmp)
+                hook("export")
+                write_manifest(tmp, state.trainer_state.step if state is not None else None)
+                hook("manifest")
+            except OSError as e:
+                if e.errno in DISK_FULL:
+                    raise _disk_full(checkpoints_dir, name, written=_tree_bytes(tmp)) from None
+                raise
+        if state is not None:
+            atomic_write_json(checkpoints_dir / LATEST, {"checkpoint": name, "step": state.trainer_state.step})
+    except OSError as e:
+        if e.errno in DISK_FULL:  # the rename or latest.json: the save itself was removed or is complete
+            raise _disk_full(checkpoints_dir, name, written=0) from None
+        raise
     return final
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    pointer = Path(checkpoints_dir) / LATEST
-    if not pointer.is_file():
+def _write_state(state_dir: Path, state: TrainingState) -> None:
+    state_dir.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.trainable.items()}, state_dir / "trainable.safetensors")
+    torch.save(state.optimizer.state_dict(), state_dir / "optimizer.pt")
+    torch.save(state.scheduler.state_dict(), state_dir / "scheduler.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, state_dir / "rng.pt")
+    (state_dir / "trainer_state.json").write_text(json.dumps(asdict(state.trainer_state), indent=2))
+
+
+def _disk_full(checkpoints_dir: Path, name: str, written: int) -> DiskFullError:
+    previous = newest_save(checkpoints_dir)
+    needed = save_bytes(previous) if previous is not None else None
+    free = shutil.disk_usage(checkpoints_dir).free
+    need = (f"a save needs about {format_bytes(needed)} (the size of the previous save, {previous.name})"
+            if needed else f"it had written {format_bytes(written)} when the disk filled")
+    intact = (f"the previous save {previous.name} is intact, resume from it with --resume"
+              if previous is not None else "no earlier save exists")
+    return DiskFullError(f"no space left on the device of '{checkpoints_dir}' while saving {name}: {need}, "
+                         f"{format_bytes(free)} are free. The partial save was removed and {intact} once there is room")
+
+
+def format_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "an unknown amount"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _tree_bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+FAULT_ENV = "DIFFTUNE_KILL_DURING_SAVE"
+"""Fault injection for tests and bench/fault_injection.py: `export` (or `state`, `manifest`) kills the
+process with SIGKILL at that point of its first save; `export:3` at that point of its third save."""
+
+
+def env_fault_hook() -> Callable[[str], None] | None:
+    """The save hook FAULT_ENV asks for, or None (the normal case)."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
         return None
-    path = Path(checkpoints_dir) / json.loads(pointer.read_text())["checkpoint"]
-    return path if (path / STATE_DIR).is_dir() else None
+    point, _, nth = wanted.partition(":")
+    remaining = [int(nth or 1)]
+
+    def hook(reached: str) -> None:
+        if reached == point:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+# ----------------------------------------------------------------------------------------- resume
+def _claimed_step(folder: Path) -> float:
+    """The step a save says it holds, for ordering (a broken save still sorts where it claims to be)."""
+    for read in (lambda: json.loads((folder / MANIFEST).read_text())["step"],
+                 lambda: json.loads((folder / STATE_DIR / "trainer_state.json").read_text())["step"]):
+        try:
+            step = read()
+            if isinstance(step, int):
+                return step
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    match = STEP_DIR.match(folder.name)
+    return int(match.group(1)) if match else math.inf  # `final`, unreadable: the newest a run writes
+
+
+def resumable_candidates(checkpoints_dir: Path) -> list[Path]:
+    """Save folders that hold (or held) training state, newest first."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+             and ((p / STATE_DIR).exists() or _manifest_lists_state(p))]
+    return sorted(found, key=lambda p: (_claimed_step(p), p.stat().st_mtime), reverse=True)
+
+
+def _manifest_lists_state(folder: Path) -> bool:
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        return any(name.startswith(STATE_DIR + "/") for name in files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return (folder / MANIFEST).exists()  # an unreadable manifest: a save, and a broken one
+
+
+def newest_save(checkpoints_dir: Path) -> Path | None:
+    """The newest save with an intact manifest (sizes only: cheap), for messages."""
+    for folder in resumable_candidates(checkpoints_dir):
+        if verify_save(folder, hashes=False) is None:
+            return folder
+    return None
+
+
+def resume_latest(checkpoints_dir: Path, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], TrainerState, Path, list[str]]:
+    """Restore the newest intact save: (trainable tensors, trainer state, its folder, the saves skipped and why).
+
+    Each candidate is verified against its manifest, then loaded; a save that fails either is
+    skipped for the next older one. CheckpointError lists every save found when none is intact.
+    """
+    skipped: list[str] = []
+    for folder in resumable_candidates(checkpoints_dir):
+        problem = verify_save(folder) if (folder / MANIFEST).exists() else None  # older saves: loading decides
+        if problem is None:
+            try:
+                trainable, trainer_state = load_training_state(folder, optimizer, scheduler)
+                return trainable, trainer_state, folder, skipped
+            except Exception as e:  # any unreadable piece: this save cannot be resumed, an older one may
+                problem = f"could not be loaded ({type(e).__name__}: {e})"
+        skipped.append(f"{folder.name}: {problem}")
+    found = "\n  ".join(skipped) if skipped else "no save with training state"
+    raise CheckpointError(
+        f"no resumable save in '{checkpoints_dir}':\n  {found}\n"
+        "A run saves resumable state with output.save_every_n_steps / save_every_n_epochs (output.save_state = true). "
+        "To start the run again from the beginning, train without --resume and with --set output.overwrite=true"
+    )
 
 
 def load_training_state(checkpoint: Path, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], TrainerState]:
-    """Restore optimizer, scheduler and RNG in place; return the trainable tensors and trainer state."""
+    """Restore optimizer, scheduler and RNG in place; return the trainable tensors and trainer state.
+
+    Everything is read before anything is restored, so a save that fails to load leaves the
+    optimizer and scheduler as they were for the next candidate.
+    """
     state_dir = Path(checkpoint) / STATE_DIR
     trainable = load_file(state_dir / "trainable.safetensors")
-    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=True))
+    optimizer_state = torch.load(state_dir / "optimizer.pt", weights_only=True)
+    scheduler_state = torch.load(state_dir / "scheduler.pt", weights_only=True)
     rng = torch.load(state_dir / "rng.pt", weights_only=True)
+    trainer_state = TrainerState(**json.loads((state_dir / "trainer_state.json").read_text()))
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    trainer_state = TrainerState(**json.loads((state_dir / "trainer_state.json").read_text()))
     return trainable, trainer_state
 
 
+# ---------------------------------------------------------------------------------------- tidy up
 def prune_checkpoints(checkpoints_dir: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` step-N checkpoints; other names (e.g. final) are kept."""
     steps = sorted(
@@ -107,6 +270,42 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int) -> list[Path]:
     )
     removed = []
     for _, path in steps[:-keep_last] if keep_last > 0 else steps:
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def clean_leftovers(folders: list[Path]) -> tuple[list[str], int]:
+    """Remove what interrupted writes left in `folders` (not recursive): unfinished `.tmp-*` saves and
+    files, and the `.old-*` copy of a re-saved checkpoint (moved back when the new one never arrived).
+
+    Only call it while holding the run directory's lock: then no live process is writing them.
+    Returns (what was done, bytes freed).
+    """
+    notes, freed = [], 0
+    for folder in folders:
+        if not Path(folder).is_dir():
+            continue
+        for entry in sorted(Path(folder).iterdir()):
+            name = entry.name
+            if name.startswith(OLD_PREFIX):
+                target = _old_copy_target(entry)
+                if target is not None and not target.exists():
+                    os.replace(entry, target)
+                    notes.append(f"restored {target.name} (a re-save of it was interrupted)")
+                    continue
+            elif not name.startswith(TEMP_PREFIX):
+                continue
+            size = _tree_bytes(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            freed += size
+            notes.append(f"removed {Path(folder).name}/{name} ({format_bytes(size)})")
+    return notes, freed
+
+
+def _old_copy_target(entry: Path) -> Path | None:
+    match = re.match(re.escape(OLD_PREFIX) + r"(.+)-\d+$", entry.name)
+    return entry.with_name(match.group(1)) if match else None

@@ -38,91 +38,370 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
-    parser.add_argument("config", nargs=None if config_required else "?", help="config file (.toml, .yaml, .json)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
+HELP_WIDTH = 78
+"""Width the description and epilog paragraphs are wrapped to (argparse keeps them as written)."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs keep their paragraphs and lists; option help is wrapped as usual."""
+
+    def __init__(self, prog, **kwargs):
+        kwargs.setdefault("max_help_position", 30)
+        super().__init__(prog, **kwargs)
+
+
+def _text(*blocks: str) -> str:
+    """Help paragraphs separated by blank lines: a block starting with two spaces (a list, a file
+    listing) is kept as written, any other block is wrapped to HELP_WIDTH."""
+    import textwrap
+
+    return "\n\n".join(
+        b if b.startswith("  ") else textwrap.fill(" ".join(b.split()), HELP_WIDTH, break_on_hyphens=False)
+        for b in blocks
     )
 
 
+def _files(*rows: tuple[str, str]) -> str:
+    """A listing of (file, what it holds), the text wrapped beside the names."""
+    import textwrap
+
+    column = max(len(name) for name, _ in rows) + 4
+    lines = []
+    for name, text in rows:
+        wrapped = textwrap.wrap(text, HELP_WIDTH - column, break_on_hyphens=False)
+        lines.append(f"  {name:<{column - 2}}{wrapped[0]}")
+        lines += [" " * column + line for line in wrapped[1:]]
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    """A default as it would be written in a TOML config (None: the key is unset)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _config_keys(section: str, schema) -> str:
+    """Every key of one config section with its default and description, read from the schema (so
+    the schema stays the one place each fact lives)."""
+    import textwrap
+    from typing import Literal, get_args, get_origin
+
+    lines = [f"config keys ([{section}] in the config file, or --set {section}.KEY=VALUE):"]
+    for name, field in schema.model_fields.items():
+        facts = f"default: {_toml_value(field.get_default(call_default_factory=True))}"
+        if get_origin(field.annotation) is Literal:
+            facts += "; one of: " + ", ".join(str(v) for v in get_args(field.annotation))
+        lines.append(f"  {section}.{name}  ({facts})")
+        lines += textwrap.wrap(field.description or "", HELP_WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                               break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def _sub(sub, name: str, help: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=_HelpFormatter)
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    parser.add_argument(
+        "config", nargs=None if config_required else "?", metavar="CONFIG",
+        help="config file (.toml, .yaml, .yml or .json); every key it leaves out takes its default",
+    )
+    _add_set_arg(parser, "the config")
+
+
+def _add_set_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help=f"override a key of {what}, e.g. --set train.lr=1e-4; the value is read as TOML (1e-4, true, "
+        "[1, 2], \"x\"), else as a string; repeatable, later ones win (default: none)",
+    )
+
+
+def _add_progress_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-progress", action="store_true",
+        help="no progress bar (default: a bar on stderr with step, it/s, ETA, loss and LR; "
+        "a line every 10 s when stderr is not a terminal)",
+    )
+
+
+def _add_json_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help=f"also write {what} as JSON to PATH (default: not written)")
+
+
+RUN_DIR_FILES = (
+    ("config.resolved.toml", "every setting, defaults filled in (reloads to the same config)"),
+    ("metrics.jsonl", "one JSON object per optimizer step: step, epoch, lr, loss; val_loss and stable_train_loss "
+     "on validation steps (step 0: the untrained baseline)"),
+    ("summary.json", "first/final/best val_loss with their steps, steps/s, wall time, peak memory, model and "
+     "network facts, the config"),
+    ("tensorboard/", "the same metrics for TensorBoard (output.tensorboard)"),
+    ("plots/", "loss.png (train, EMA, validation), lr.png"),
+    ("samples/", "step-NNNNNN.png grids of sample.prompts, a fixed seed per prompt"),
+    ("checkpoints/", "step-NNNNNN/ and final/: the export (a diffusers folder and/or model.safetensors for a full "
+     "fine-tune, <name>.safetensors for a LoRA-family network) plus training_state/ for --resume; best/ with "
+     "output.save_best; latest.json names the newest resumable save"),
+)
+
+EXIT_CODES = """\
+exit status: 0 done, 1 training diverged or the command found no answer (find-lr,
+find-steps, auto), 2 a usage, config, data or model problem (the message says
+what and where), 130 interrupted."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="difftune", description="Fine-tune diffusion models and find their LR and steps.")
+    parser = argparse.ArgumentParser(
+        prog="difftune", formatter_class=_HelpFormatter,
+        description=_text(
+            "Fine-tune Stable Diffusion 1.x/2.x models (full fine-tunes and the LoRA family) and find their "
+            "learning rate and step count on a deterministic validation loss.",
+            "A run is described by one config file (TOML, YAML or JSON); `--set section.key=value` overrides "
+            "any key. `difftune COMMAND --help` says what a command reads and what it writes where.",
+        ),
+        epilog=EXIT_CODES,
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model as configured")
+    p = _sub(sub, "train", "train a model as configured", _text(
+        "Train as the config says: a full fine-tune, or a LoRA-family network when network.type is set. "
+        "Reads the config, the model at model.path (a built-in name, a diffusers folder or a single "
+        ".safetensors/.ckpt checkpoint; nothing is downloaded) and the captioned images in data.train_dir "
+        "(and data.val_dir). Config and dataset problems are reported, every bad file listed, before the "
+        "model loads.",
+        "Writes the run directory output.dir:",
+        _files(*RUN_DIR_FILES),
+        "A new run refuses an output.dir that already holds one (metrics.jsonl) unless output.overwrite = "
+        "true. Saves are written to a temporary folder and renamed into place; output.save_last_n prunes "
+        "old ones.",
+        "--resume RUN_DIR continues the run in RUN_DIR (which replaces output.dir) from its newest save "
+        "with training state, bit for bit as if it had not stopped. Only the run length (train.max_steps, "
+        "train.max_epochs), output.*, sample.*, validation.every_n_* and data.num_workers may differ from "
+        "the run's config.resolved.toml; pass that file as CONFIG to resume exactly.",
+    ))
     _add_config_args(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last saved state")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR from its last saved state (default: start a new run in output.dir)")
+    _add_progress_arg(p)
 
-    p = sub.add_parser("demo", help="train the tiny built-in model on handwritten digits (CPU, minutes)")
-    p.add_argument("--out", default="demo-out", help="folder for the demo's data and run (default: demo-out)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+    p = _sub(sub, "demo", "train the tiny built-in model on handwritten digits (CPU, minutes)", _text(
+        "The embedded default, to see difftune work without a model or a dataset: trains the built-in "
+        "tiny model on scikit-learn's 1,797 handwritten digits on the CPU in a few minutes, with "
+        "validation, sample grids and plots. Nothing is downloaded.",
+        "Writes under --out:",
+        _files(
+            ("data/1_digits/", "the digits as 32-px PNGs with captions (\"a handwritten digit seven\"), exported "
+             "on the first call"),
+            ("base-model/", "the tiny model as a diffusers folder, its VAE fitted to the digits once (~20 s) so "
+             "the samples are readable"),
+            ("run/", "a complete run directory (see `difftune train --help`), replaced on every call"),
+        ),
+        "The config is difftune/examples/demo.toml with data.train_dir and output.dir filled in; "
+        "--set changes any key of it. `difftune auto <out>/run/config.resolved.toml` then tunes the same "
+        "setup.",
+    ))
+    p.add_argument("--out", default="demo-out", metavar="DIR", help="folder for the demo's data, base model and run (default: demo-out)")
+    _add_set_arg(p, "the demo config")
+    _add_progress_arg(p)
 
-    p = sub.add_parser("doctor", help="check config and dataset, print the plan, train nothing")
+    p = _sub(sub, "doctor", "check config and dataset, print the plan, train nothing", _text(
+        "Check a config and its dataset without training or loading model weights, and print the plan "
+        "training would follow: images per folder with their repeats, train and validation images, samples "
+        "per epoch, effective batch size, steps per epoch, epochs, total steps, the effective learning rates, "
+        "and for a LoRA-family network its trainable parameters and file size (counted on a weightless "
+        "copy of the architecture). Warnings from the optimizer and schedule catalogue follow.",
+        "Every problem is listed at once: config keys with the file, the key, the value and what is valid; "
+        "each unreadable image, missing caption, unsupported format or empty repeat folder (exit status 2).",
+        "Writes nothing (not even output.dir) unless --json is given.",
+    ))
     _add_config_args(p)
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    _add_json_arg(p, "the report (plan, warnings, network facts)")
 
-    p = sub.add_parser("schedule", help="plot the LR schedule of a config (no model is loaded)")
+    p = _sub(sub, "schedule", "plot the LR schedule of a config (no model is loaded)", _text(
+        "Plot the learning rate of every parameter group (unet, text_encoder) at every optimizer step of the "
+        "run, computed from the config alone: no model is loaded. Prints a table (first, peak and final LR "
+        "per group, warmup end, decay end, notes on optimizers that set their own step size) and the "
+        "optimizer/schedule warnings doctor gives.",
+        "The step count is --steps, else train.max_steps, else the total steps of the dataset plan (which "
+        "scans data.train_dir), else 1000 when there is neither.",
+        "Writes only the PNG (--out).",
+    ))
     _add_config_args(p)
-    p.add_argument("--out", default=None, help="PNG path (default: <output.dir>/plots/schedule.png)")
-    p.add_argument("--steps", type=positive_int, default=None, help="total steps (default: from the dataset plan, else max_steps)")
-    _add_lora_commands(sub)
+    p.add_argument("--out", default=None, metavar="PNG", help="where to write the plot (default: <output.dir>/plots/schedule.png)")
+    p.add_argument("--steps", type=positive_int, default=None, metavar="N",
+                   help="total optimizer steps to plot (default: train.max_steps, else the dataset plan's total, else 1000)")
     _add_tuning_commands(sub)
+    _add_lora_commands(sub)
     return parser
 
 
 def _add_tuning_commands(sub) -> None:
     """find-lr / find-steps / auto: the LR and the step count, found on the configured setup."""
-    p = sub.add_parser("find-lr", help="LR range test on the configured setup: bounds and a recommended LR")
-    _add_config_args(p)
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    from difftune.config.schema import AutoConfig, FindLRConfig, FindStepsConfig
 
-    p = sub.add_parser("find-steps", help="train at a constant LR with early stopping: the best step count")
+    untouched = ("Nothing of yours is touched: models and images are only read, and a run already in "
+                 "output.dir stays as it is; the command's folder is replaced on every call.")
+    p = _sub(sub, "find-lr", "LR range test on the configured setup: bounds and a recommended LR", _text(
+        "An LR range test on your exact setup: the model, network, optimizer, batch, precision and data "
+        "order `difftune train` would use, trained while the LR climbs a ramp (log-spaced stairs by default) "
+        "from find_lr.start_lr to find_lr.end_lr (defaults: the optimizer's usual range, widened 10x, for a "
+        "full fine-tune or a LoRA). After every find_lr.steps_per_point steps a fixed probe is measured "
+        "(held-out images x fixed noise x stratified timesteps, find_lr.probe), so two points differ only "
+        "by what training did. The sweep stops once the loss exceeds find_lr.stop_factor times its best; "
+        "with find_lr.extend it goes past end_lr (up to 100x) until it does.",
+        "It prints and saves lr_min (where the loss starts to fall), lr_max (where the fall ends), lr_edge "
+        "(where it diverged), the recommended constant lr (find_lr.rule; the default rule is lr_edge / "
+        "find_lr.edge_divisor) with a 10/50/90% band from a bootstrap over the probe items, the other rules' "
+        "picks, a verdict in plain words when the curve cannot be read, and the cost. Exit status 1: no LR "
+        "could be recommended (the verdict says why). Optimizers that ignore train.lr (adaptive Adafactor) "
+        "are refused.",
+        untouched + " Results go to <output.dir>/find-lr/:",
+        _files(
+            ("find_lr.json", "the result: lr, lr_min, lr_max, lr_edge, lr_band, rule, status, verdict, "
+             "suggestions, curve (one entry per point), sweep, cost, files"),
+            ("curve.csv", "one row per point: point, lr, step, train_loss, score, val_probe_loss and/or "
+             "train_probe_loss, smoothed"),
+            ("find_lr.png", "probe loss against LR, the bounds and the recommendation marked"),
+            ("probe_losses.npz", "every probe item's loss at every point, to re-read the sweep with another "
+             "rule without re-running it"),
+            ("config.resolved.toml", "the config the sweep ran with"),
+        ),
+        "Train at the result with train.lr_from = \"<output.dir>/find-lr/find_lr.json\" (with "
+        "train.lr_scheduler = \"cyclic\" it cycles between lr_min and lr_max). Method and benchmark: "
+        "docs/tuning.md.",
+    ), epilog=_config_keys("find_lr", FindLRConfig))
     _add_config_args(p)
-    p.add_argument("--lr", type=float, default=None, help="the constant LR (default: train.lr of the config)")
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    _add_json_arg(p, "the result (the content of find_lr.json)")
+    _add_progress_arg(p)
 
-    p = sub.add_parser("auto", help="find-lr, then find-steps at its LR, then the final model and report.html")
+    p = _sub(sub, "find-steps", "train at a constant LR with early stopping: the best step count", _text(
+        "Train your setup at a constant LR (--lr, else train.lr; the schedule becomes constant, warmup is "
+        "kept) for up to find_steps.max_steps steps, measure the deterministic validation loss every "
+        "find_steps.every_n_steps steps, keep the weights with the lowest one, and stop early after "
+        "find_steps.patience validations without a new best (or, with find_steps.gl_alpha set, by Prechelt's "
+        "generalization loss). "
+        "Needs validation images: data.val_split > 0 or data.val_dir.",
+        "It prints and saves the best step and its validation loss, the band of steps within "
+        "find_steps.margin of the best, the earliest step as good, and why it stopped. Training is "
+        "deterministic, so a fresh run to the best step with the same settings reproduces the best "
+        "checkpoint bit for bit. Exit status 1: no step improved on the untrained model.",
+        untouched + " Results go to <output.dir>/find-steps/, a complete run directory "
+        "(see `difftune train --help`) with:",
+        _files(
+            ("find_steps.json", "the result: lr, best_step, best_loss, step_band, earliest_good_step, verdict, "
+             "early_stop, stopped_at, curve, best_checkpoint, cost, files"),
+            ("find_steps.png", "validation loss against step, the best step and the band marked"),
+            ("checkpoints/best/", "the export of the best weights"),
+            ("checkpoints/final/", "the weights where the run stopped"),
+        ),
+        "Use the step count as train.max_steps with the same LR, or take checkpoints/best as it is.",
+    ), epilog=_config_keys("find_steps", FindStepsConfig))
     _add_config_args(p)
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--lr", type=float, default=None, metavar="X", help="the constant LR to train at (default: train.lr of the config)")
+    _add_json_arg(p, "the result (the content of find_steps.json)")
+    _add_progress_arg(p)
+
+    p = _sub(sub, "auto", "find-lr, then find-steps at its LR, then the final model and report.html", _text(
+        "The whole search in one command: 1. find-lr on your setup (see `difftune find-lr --help`); "
+        "2. find-steps at its recommended LR (see `difftune find-steps --help`); 3. the final model; "
+        "4. a report. It stops early, with the reason and exit status 1, when find-lr recommends no LR or "
+        "find-steps finds no step better than the untrained model.",
+        "By default (auto.final_run = \"reuse\") the final model is find-steps' best checkpoint: training "
+        "is deterministic, so a rerun to that step would give the same weights. auto.final_run = "
+        "\"retrain\" trains it again; auto.add_validation_back = true retrains with the validation images "
+        "added back (same number of epochs), a run nothing measures.",
+        untouched + " Everything goes under output.dir:",
+        _files(
+            ("find-lr/", "the LR sweep (find_lr.json, curve.csv, find_lr.png, probe_losses.npz)"),
+            ("find-steps/", "the step search run (find_steps.json, find_steps.png, checkpoints/best/)"),
+            ("final/", "only when retraining: a run directory, the model in final/checkpoints/final/"),
+            ("report.html", "what was chosen and why, the plots, the cost, where the files are"),
+            ("auto.json", "the same, machine-readable: status, find_lr, find_steps, chosen, final, warnings"),
+        ),
+    ), epilog=_config_keys("auto", AutoConfig))
+    _add_config_args(p)
+    _add_json_arg(p, "the result (the content of auto.json)")
+    _add_progress_arg(p)
 
 
 def _add_lora_commands(sub) -> None:
     """convert / merge / sample: LoRA files and images outside a training run."""
-    p = sub.add_parser("convert", help="rewrite a LoRA file in the kohya (ComfyUI/A1111) or diffusers layout")
-    p.add_argument("input", help="LoRA .safetensors (kohya or diffusers layout)")
-    p.add_argument("output", help="where to write the converted .safetensors")
-    p.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="target layout")
-    p.add_argument("--model", default=None, help="model whose layer names to use (default: SD 1.x/2.x and tiny-sd)")
+    from typing import get_args
 
-    p = sub.add_parser("merge", help="bake a LoRA-family file into a model and save the full model")
-    p.add_argument("base", help="model: built-in name, diffusers folder or single checkpoint file")
-    p.add_argument("lora", help="LoRA-family .safetensors (kohya or diffusers layout)")
-    p.add_argument("output", help="a .safetensors path (one original-layout checkpoint) or a folder (diffusers)")
-    p.add_argument("--scale", type=float, default=1.0, help="strength of the LoRA (default 1.0)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="saved precision (default: fp16 for a .safetensors file, fp32 for a folder)")
+    from difftune.config.schema import ModelConfig, SampleConfig
 
-    p = sub.add_parser("sample", help="generate images from a model, optionally with a LoRA (training samples' pipeline)")
-    p.add_argument("model", help="model: built-in name, diffusers folder or single checkpoint file")
-    p.add_argument("--prompt", dest="prompts", action="append", required=True, help="prompt (repeatable)")
-    p.add_argument("--lora", default=None, help="LoRA-family .safetensors to apply")
-    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
-    p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--cfg-scale", type=float, default=7.0)
-    p.add_argument("--sampler", default="euler", choices=["euler", "euler_a", "ddim", "dpmpp_2m", "ddpm"])
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--width", type=positive_int, default=None)
-    p.add_argument("--height", type=positive_int, default=None)
-    p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--out", default="sample.png", help="PNG path (several prompts: a grid here plus -N files)")
+    sample_defaults = {name: field.default for name, field in SampleConfig.model_fields.items()}
+    model_source = "built-in name (tiny-sd, tiny-sd-v), diffusers folder or single .safetensors/.ckpt checkpoint"
+
+    p = _sub(sub, "convert", "rewrite a LoRA file in the kohya (ComfyUI/A1111) or diffusers layout", _text(
+        "Rewrite a LoRA file in the other layout. kohya/LyCORIS layout (`lora_unet_...`, `lora_te_...` keys "
+        "with alphas): what ComfyUI, A1111/Forge and kohya's scripts load. diffusers/PEFT layout "
+        "(`unet.<module>.lora_A/lora_B`, no alphas): what pipeline.load_lora_weights loads; it holds plain "
+        "LoRA pairs only. kohya -> diffusers folds alpha/rank into lora_B; diffusers -> kohya writes "
+        "alpha = rank, so converting back gives the same tensors. The file's metadata is carried over.",
+        "Reads INPUT (and, for --to diffusers with --model, that model's architecture); writes OUTPUT only.",
+    ))
+    p.add_argument("input", metavar="INPUT", help="the LoRA .safetensors to read (kohya or diffusers layout, detected from its keys)")
+    p.add_argument("output", metavar="OUTPUT", help="where to write the converted .safetensors")
+    p.add_argument("--to", required=True, choices=["kohya", "diffusers"], metavar="LAYOUT",
+                   help="target layout: kohya or diffusers (required)")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help=f"model whose module paths name the layers when writing the diffusers layout: {model_source} "
+                   "(default: the SD 1.x/2.x and tiny-sd architectures difftune ships)")
+
+    p = _sub(sub, "merge", "bake a LoRA-family file into a model and save the full model", _text(
+        "Load BASE, add LORA's update to its weights at --scale (any LoRA-family file: LoRA, LoCon, LoHa, "
+        "LoKr, OFT, ...; kohya or diffusers layout) and save the full model. OUTPUT ending in .safetensors: "
+        "one checkpoint in the original layout that A1111/Forge and ComfyUI load (fp16 by default); "
+        "anything else: a diffusers folder, which must not exist or be empty (fp32 by default).",
+        "Reads BASE and LORA; writes OUTPUT only.",
+    ))
+    p.add_argument("base", metavar="BASE", help=f"the model to merge into: {model_source}")
+    p.add_argument("lora", metavar="LORA", help="LoRA-family .safetensors (kohya or diffusers layout)")
+    p.add_argument("output", metavar="OUTPUT", help="a .safetensors path (one original-layout checkpoint) or a folder (diffusers)")
+    p.add_argument("--scale", type=float, default=1.0, metavar="S",
+                   help="strength of the LoRA: its update is multiplied by S (default: %(default)s)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None, metavar="P",
+                   help="saved precision: fp32, fp16 or bf16 (default: fp16 for a .safetensors file, fp32 for a folder)")
+
+    p = _sub(sub, "sample", "generate images from a model, optionally with a LoRA (training samples' pipeline)", _text(
+        "Render each --prompt with MODEL, optionally with a LoRA-family file applied at --scale. It uses the "
+        "code the training sample grids use (same pipeline, sampler names and per-prompt seeds), so an image "
+        "made here matches the grid cell a run produced with the same settings. Nothing is downloaded.",
+        "One prompt: the image is written to --out. Several: --out is a grid with the prompts under the "
+        "images, and image i (from 0) goes beside it as <name>-i.png (sample-0.png, sample-1.png, ...). "
+        "Prompt i uses seed --seed + i.",
+    ))
+    p.add_argument("model", metavar="MODEL", help=f"the model: {model_source}")
+    p.add_argument("--prompt", dest="prompts", action="append", required=True, metavar="TEXT",
+                   help="prompt to render (required; repeatable, one image each)")
+    p.add_argument("--lora", default=None, metavar="FILE", help="LoRA-family .safetensors to apply (default: none)")
+    p.add_argument("--scale", type=float, default=1.0, metavar="S", help="LoRA strength (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=sample_defaults["seed"], metavar="N",
+                   help="seed of the first prompt; prompt i uses seed + i (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=sample_defaults["steps"], metavar="N",
+                   help="sampler steps (default: %(default)s)")
+    p.add_argument("--cfg-scale", type=float, default=sample_defaults["cfg_scale"], metavar="X",
+                   help="classifier-free guidance scale (default: %(default)s)")
+    samplers = list(get_args(SampleConfig.model_fields["sampler"].annotation))
+    p.add_argument("--sampler", default=sample_defaults["sampler"], choices=samplers, metavar="NAME",
+                   help=f"sampler: {', '.join(samplers)} (default: %(default)s)")
+    p.add_argument("--negative-prompt", default=sample_defaults["negative_prompt"], metavar="TEXT",
+                   help="negative prompt (default: none)")
+    p.add_argument("--width", type=positive_int, default=None, metavar="PX",
+                   help="image width in pixels (default: the model's native size, UNet sample size x VAE factor)")
+    p.add_argument("--height", type=positive_int, default=None, metavar="PX",
+                   help="image height in pixels (default: the model's native size)")
+    p.add_argument("--clip-skip", type=int, default=ModelConfig.model_fields["clip_skip"].default, metavar="N",
+                   help="use the N-th last text encoder layer, 1-12, kohya's clip_skip (default: %(default)s)")
+    p.add_argument("--out", default="sample.png", metavar="PNG",
+                   help="PNG path; several prompts: a grid here plus -N files (default: %(default)s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,4 +151,6 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 def write_resolved_config(config: Config, path: str | Path) -> None:
     """Write the fully resolved config; reading it back gives an equal Config."""
-    Path(path).write_text(tomli_w.dumps(config_to_dict(config)), encoding="utf-8")
+    from difftune.checkpoint.atomic import atomic_write_text
+
+    atomic_write_text(Path(path), tomli_w.dumps(config_to_dict(config)))  # a resume reads it: never half-written

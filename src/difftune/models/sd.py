@@ -85,6 +85,11 @@ class StableDiffusionModel:
             hidden = self.text_encoder(ids)[0]
         return {"encoder_hidden_states": hidden}
 
+    def text_token_counts(self, captions: list[str]) -> tuple[list[int], int]:
+        """Tokens of each caption (with start/end tokens) and how many the text encoder reads."""
+        ids = self.tokenizer(captions, truncation=False, padding=False).input_ids
+        return [len(i) for i in ids], self.tokenizer.model_max_length
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents of pixels in [-1, 1]. Without a generator the distribution's mean is used (deterministic)."""

@@ -82,5 +82,8 @@ def merge_into_model(base: str, lora: str | Path, scale: float, target: str | Pa
     else:
         if target.exists() and any(target.iterdir()):
             raise formats.LoraFormatError(f"{target}: folder exists and is not empty")
-        model.save_pretrained(target, dtype=PRECISIONS[precision or "fp32"])
+        from difftune.checkpoint.atomic import atomic_directory
+
+        with atomic_directory(target) as tmp:  # never a half-written model folder; usual file permissions
+            model.save_pretrained(tmp, dtype=PRECISIONS[precision or "fp32"])
     return {"layers": len(network.loras), "scale": scale, "target": str(target)}

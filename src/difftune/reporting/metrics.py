@@ -9,14 +9,16 @@ from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None):
+        """`purge_step`: a resumed run logs again from this step; TensorBoard then hides the events an
+        earlier session logged at or after it (metrics.jsonl is truncated by the resume itself)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = self.path.open("a", encoding="utf-8")
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
 
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -37,10 +39,18 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the last line of a killed process may be cut short; resume redoes that step
+    return records
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records after `last_step` (they are redone when a run resumes from that step)."""
+    from difftune.checkpoint.atomic import atomic_write_text
+
     records = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in records))

@@ -14,10 +14,12 @@ import numpy as np  # noqa: E402
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     """Write a figure as PNG (creating its folder) and free it: pyplot keeps every open figure alive."""
+    from difftune.checkpoint.atomic import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    with atomic_path(path) as tmp:  # a viewer (or the web UI) never reads a half-written PNG
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return path
 
@@ -35,8 +37,8 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
-    """Write loss.png and lr.png; returns the written paths."""
+def plot_run(records: list[dict[str, Any]], plots_dir: Path, diverged_at: int | None = None) -> list[Path]:
+    """Write loss.png and lr.png (a diverged run: marked at the step it diverged); returns the paths."""
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -58,9 +60,11 @@ def plot_run(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
         best = int(np.argmin(val))
         s, _ = series(records, "val_loss")
         ax.axvline(s[best], color="tab:red", linestyle=":", linewidth=1, label=f"best val @ {s[best]}")
+    if diverged_at is not None:
+        ax.axvline(diverged_at, color="black", linestyle="--", linewidth=1, label=f"diverged @ {diverged_at}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title("Loss")
+    ax.set_title("Loss" if diverged_at is None else f"Loss (diverged at step {diverged_at})")
     ax.grid(alpha=0.3)
     ax.legend()
     written.append(save_figure(fig, plots_dir / "loss.png"))

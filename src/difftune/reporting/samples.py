@@ -62,7 +62,9 @@ def make_grid(images: list[Image.Image], prompts: list[str], title: str, columns
 
 def write_sample_grid(model: DiffusionModel, sample: SampleConfig, resolution: int, path: Path, title: str) -> Path:
     images = render_samples(model, sample, resolution)
+    from difftune.checkpoint.atomic import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, sample.prompts, title).save(path)
+    with atomic_path(path) as tmp:
+        make_grid(images, sample.prompts, title).save(tmp, format="PNG")
     return path

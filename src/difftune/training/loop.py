@@ -19,17 +19,20 @@ from accelerate.state import AcceleratorState
 
 from difftune import __version__
 from difftune.checkpoint.state import (
+    DISK_FULL,
     TrainerState,
+    TrainingState,
     checkpoint_name,
-    latest_checkpoint,
-    load_training_state,
+    env_fault_hook,
+    newest_save,
     prune_checkpoints,
+    resume_latest,
     save_checkpoint,
 )
-from difftune.config.loading import ConfigError, config_to_dict
+from difftune.config.loading import config_to_dict
 from difftune.config.schema import Config
 from difftune.data.dataset import TrainBatches
-from difftune.errors import TrainingDiverged  # noqa: F401  (re-exported for callers)
+from difftune.errors import ConfigError, DiskFullError, TrainingDiverged
 from difftune.models import load_model
 from difftune.network import build_network
 from difftune.optim.advice import describe_lr
@@ -39,7 +42,7 @@ from difftune.reporting.plots import plot_run
 from difftune.reporting.progress import Progress
 from difftune.reporting.samples import write_sample_grid
 from difftune.training.plan import Plan, make_plan
-from difftune.training.run_dir import RunDir, open_run_dir
+from difftune.training.run_dir import open_run_dir
 from difftune.training.step import draw_noise_and_timesteps, per_sample_loss, step_generator
 from difftune.training.validation import FixedProbe, ProbeResult
 
@@ -59,16 +62,24 @@ def train(config: Config, resume: str | Path | None = None, show_progress: bool 
 
 class Trainer:
     def __init__(self, config: Config, resuming: bool = False, show_progress: bool = True, lr_multiplier=None,
-                 early_stopping=None):
+                 early_stopping=None, command: str = "train"):
         """`lr_multiplier(step) -> float` replaces the configured schedule (the LR finder's ramp);
         `early_stopping.update(step, val_loss) -> bool` ends the run after a validation (the step finder's
-        rule, difftune.tuning.curve.EarlyStopping)."""
+        rule, difftune.tuning.curve.EarlyStopping). The trainer holds the run directory's lock from here
+        until `run()` ends or `close()` is called."""
         self.config = config
         self.early_stopping = early_stopping
         self.show_progress = show_progress
         self.plan: Plan = make_plan(config)  # data errors surface before any model loads
         self.accelerator = _make_accelerator(config)
-        self.run_dir: RunDir = open_run_dir(config, resuming)
+        self.run_dir, self.lock, self.notes = open_run_dir(config, resuming, command)
+        try:
+            self._build(config, resuming, lr_multiplier)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, config: Config, resuming: bool, lr_multiplier) -> None:
         self.model = load_model(config.model)
         self.network = build_network(self.model, config)
         self._place_modules()
@@ -87,19 +98,54 @@ class Trainer:
         self.val_probe = self._probe(self.plan.val_records)
         self.stable_probe = self._probe(self.plan.stable_train_records)
         self.state = TrainerState()
+        self.fault_hook = env_fault_hook()
+        self.notes += caption_notes(self.model, self.plan.train_records + self.plan.val_records)
         if resuming:
             self._resume()
             if hasattr(self.optimizer, "train"):
-                self.optimizer.train()  # schedule-free state was saved in eval mode (see _eval_weights)
+                self.optimizer.train()  # saves before difftune 0.2 held schedule-free state in eval mode
+
+    def close(self) -> None:
+        """Release the run directory (run() does this itself when it ends)."""
+        self.lock.release()
 
     # ----------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
+        """Train to the end (or the early stop) and return the summary; the lock is released on any exit."""
+        try:
+            return self._run()
+        except OSError as e:
+            if e.errno in DISK_FULL:  # metrics, samples, plots (saves raise their own, fuller message)
+                raise DiskFullError(f"no space left on the device of '{e.filename or self.run_dir.root}' at step "
+                                    f"{self.state.step}; free space and continue with --resume {self.run_dir.root}") from None
+            raise
+        finally:
+            self.close()
+
+    def _run(self) -> dict[str, Any]:
         cfg, plan, state = self.config, self.plan, self.state
         total = plan.total_steps
-        metrics = MetricsLog(self.run_dir.root, tensorboard=cfg.output.tensorboard)
+        # A resumed run replays the steps after its save: TensorBoard hides what it logged for them before.
+        metrics = MetricsLog(self.run_dir.root, tensorboard=cfg.output.tensorboard,
+                             purge_step=state.step + 1 if state.step else None)
         progress = Progress(total, initial=state.step, enabled=self.show_progress)
         self._announce(progress)
-        started, steps_at_start, last_val = time.perf_counter(), state.step, None
+        self._clock = (time.perf_counter(), state.elapsed_seconds)
+        steps_at_start = state.step
+        try:
+            self._loop(metrics, progress)
+            self._save("final")
+        except TrainingDiverged as e:
+            self._finish(state.step - steps_at_start, diverged=e)
+            raise
+        finally:
+            progress.close()
+            metrics.close()
+        return self._finish(state.step - steps_at_start)
+
+    def _loop(self, metrics: MetricsLog, progress: Progress) -> None:
+        cfg, plan, state = self.config, self.plan, self.state
+        total, last_val = plan.total_steps, None
         if state.step == 0 and self.val_probe is not None:
             baseline = self.validate()  # the step-0 point every curve starts from
             last_val = baseline.get("val_loss")
@@ -131,11 +177,6 @@ class Trainer:
                 self._save(checkpoint_name(state.step))
             if finishing:
                 break
-        state.elapsed_seconds += time.perf_counter() - started
-        self._save("final")
-        progress.close()
-        metrics.close()
-        return self._finish(state.step - steps_at_start, time.perf_counter() - started)
 
     # ---------------------------------------------------------------------------------- one step
     def step_groups(self):
@@ -173,6 +214,7 @@ class Trainer:
                 raise TrainingDiverged(
                     f"loss is {loss.item()} at step {self.state.step + 1} (lr {self.current_lrs()['lr']:.3g})",
                     "lower train.lr, enable train.clip_grad_norm, or check mixed precision",
+                    step=self.state.step + 1,
                 )
             # Micro-batches are averaged, so the gradient does not grow with grad_accum.
             accelerator.backward(loss / len(group))
@@ -220,32 +262,48 @@ class Trainer:
             )
 
     def _save(self, name: str, with_state: bool = True) -> None:
+        """Training state as trained (written first), then the export with the weights users should get."""
         output = self.config.output
+        self.state.elapsed_seconds = self._elapsed()
         metadata = self._metadata()
-        with self._eval_weights():
-            save_checkpoint(
-                self.run_dir.checkpoints,
-                name,
-                export=lambda d: self.network.export(d, self.model, metadata, SAVE_DTYPES[output.save_precision]),
-                trainable=self.network.state_dict() if output.save_state else None,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                trainer_state=self.state if output.save_state and with_state else None,
-            )
+
+        def export(directory: Path) -> None:
+            with self._eval_weights():
+                self.network.export(directory, self.model, metadata, SAVE_DTYPES[output.save_precision])
+
+        state = (TrainingState(self.network.state_dict(), self.optimizer, self.scheduler, self.state)
+                 if output.save_state and with_state else None)
+        save_checkpoint(self.run_dir.checkpoints, name, export=export, state=state, fault_hook=self.fault_hook)
         if output.save_last_n:
             prune_checkpoints(self.run_dir.checkpoints, output.save_last_n)
 
+    def _elapsed(self) -> float:
+        """Wall time of the whole run so far, over every session of it (resumes included)."""
+        started, before = getattr(self, "_clock", (time.perf_counter(), self.state.elapsed_seconds))
+        return before + time.perf_counter() - started
+
     @contextlib.contextmanager
     def _eval_weights(self):
-        """Schedule-free optimizers keep training weights apart from the weights to evaluate/save."""
-        switch = hasattr(self.optimizer, "eval") and hasattr(self.optimizer, "train")
-        if switch:
-            self.optimizer.eval()
+        """Schedule-free optimizers keep the weights to evaluate and export apart from the training weights.
+
+        `optimizer.eval()` / `.train()` convert between them by interpolation, which does not round-trip
+        exactly in floating point: every validation or save would nudge the training weights, and a
+        resumed run would differ from an uninterrupted one. So the training weights are copied aside and
+        put back bit for bit afterwards.
+        """
+        if not (hasattr(self.optimizer, "eval") and hasattr(self.optimizer, "train")):
+            yield
+            return
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        kept = [p.detach().to("cpu", copy=True) for p in params]  # on the CPU: no second copy in GPU memory
+        self.optimizer.eval()
         try:
             yield
         finally:
-            if switch:
-                self.optimizer.train()
+            self.optimizer.train()  # its mode flags; the weights it computes are replaced just below
+            with torch.no_grad():
+                for param, saved in zip(params, kept, strict=True):
+                    param.copy_(saved)
 
     # -------------------------------------------------------------------------------------- setup
     def _place_modules(self) -> None:
@@ -274,15 +332,13 @@ class Trainer:
                           v.batch_size or self.config.train.batch_size)
 
     def _resume(self) -> None:
-        checkpoint = latest_checkpoint(self.run_dir.checkpoints)
-        if checkpoint is None:
-            raise ConfigError(
-                f"--resume {self.run_dir.root}: no resumable checkpoint in {self.run_dir.checkpoints} "
-                "(a run saves one with output.save_every_n_steps / save_every_n_epochs and output.save_state = true)"
-            )
-        trainable, self.state = load_training_state(checkpoint, self.optimizer, self.scheduler)
+        """Continue from the newest intact save; broken newer ones are named and skipped."""
+        trainable, self.state, folder, skipped = resume_latest(self.run_dir.checkpoints, self.optimizer, self.scheduler)
         self.network.load_state_dict({k: v.to(self.accelerator.device) for k, v in trainable.items()})
         truncate_metrics(self.run_dir.metrics, self.state.step)
+        self.notes += [f"skipped save {why}" for why in skipped]
+        if skipped:
+            self.notes.append(f"resuming from {folder.name} (step {self.state.step}), the newest intact save")
 
     def _announce(self, progress: Progress) -> None:
         plan = self.plan
@@ -292,7 +348,7 @@ class Trainer:
             f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, effective batch {plan.effective_batch_size}, "
             f"{describe_lr(self.config, plan.total_steps)}" + (f" (resuming at step {self.state.step})" if self.state.step else "")
         )
-        for warning in plan.warnings:
+        for warning in [*plan.warnings, *self.notes]:
             progress.write(f"warning: {warning}")
 
     def _metadata(self) -> dict[str, str]:
@@ -308,11 +364,18 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------------------------- finish
-    def _finish(self, steps_done: int, seconds: float) -> dict[str, Any]:
+    def _finish(self, steps_done: int, diverged: TrainingDiverged | None = None) -> dict[str, Any]:
+        """summary.json and the plots; a diverged run gets them too, marked, with its last good save."""
+        self.state.elapsed_seconds = self._elapsed()
+        seconds = self.state.elapsed_seconds - self._clock[1]
         records = read_metrics(self.run_dir.metrics)
-        plot_run(records, self.run_dir.plots)
+        plot_run(records, self.run_dir.plots, diverged_at=diverged.step if diverged else None)
         vals = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        last_good = newest_save(self.run_dir.checkpoints) if diverged else None
         summary = {
+            "status": "diverged" if diverged else "finished",
+            "diverged": {"step": diverged.step, "message": str(diverged),
+                         "last_good_checkpoint": str(last_good) if last_good else None} if diverged else None,
             "steps": self.state.step,
             "epochs": round(self.state.epoch + self.state.batch_in_epoch / self.plan.batches_per_epoch, 4),
             "first_val_loss": vals[0][1] if vals else None,
@@ -333,6 +396,21 @@ class Trainer:
 
         atomic_write_json(self.run_dir.summary, summary)
         return summary
+
+
+def caption_notes(model, records) -> list[str]:
+    """A warning when captions are longer than the text encoder reads (they are cut there)."""
+    captions = [r.caption for r in records]
+    if not captions:
+        return []
+    counts, limit = model.text_token_counts(captions)
+    long = [(n, r) for n, r in zip(counts, records, strict=True) if n > limit]
+    if not long:
+        return []
+    n, example = max(long, key=lambda nr: nr[0])
+    return [f"{len(long)} of {len(captions)} captions are longer than the text encoder's {limit} tokens and are cut "
+            f"there: what follows is not trained on (longest: {example.path}, {n} tokens). Shorten them, or put "
+            "what matters first (with data.shuffle_tags, data.keep_tokens keeps the first tags in place)"]
 
 
 def _due(section, state: TrainerState, epoch_done: bool, finishing: bool) -> bool:

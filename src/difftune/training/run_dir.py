@@ -6,6 +6,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from difftune.checkpoint.state import clean_leftovers, format_bytes, resumable_candidates
 from difftune.config.loading import (
     ConfigError,
     config_to_dict,
@@ -14,6 +15,9 @@ from difftune.config.loading import (
     write_resolved_config,
 )
 from difftune.config.schema import Config
+from difftune.errors import CheckpointError
+from difftune.reporting.metrics import read_metrics
+from difftune.training.run_lock import RunLock, lock_run_dir
 
 RESOLVED_CONFIG = "config.resolved.toml"
 MAY_CHANGE_ON_RESUME = (
@@ -57,28 +61,49 @@ class RunDir:
         return self.root / "tensorboard"
 
 
-def open_run_dir(config: Config, resuming: bool) -> RunDir:
-    """Create (or reopen, when resuming) the run directory and write the resolved config.
+def open_run_dir(config: Config, resuming: bool, command: str = "train") -> tuple[RunDir, RunLock, list[str]]:
+    """Lock the run directory, create (or reopen, when resuming) it and write the resolved config.
 
-    A fresh run refuses a directory that already holds one, so no earlier result is lost by accident.
+    Returns the directory, its lock (the caller releases it when the run ends) and notes for the user
+    (a stale lock taken over, leftovers of an interrupted save removed). A fresh run refuses a directory
+    that already holds one, so no earlier result is lost by accident.
     """
     run = RunDir(Path(config.output.dir))
-    if not resuming and run.metrics.exists():
-        if not config.output.overwrite:
-            raise ConfigError(
-                f"output.dir = '{run.root}' already holds a run (metrics.jsonl). Use `--resume {run.root}` to "
-                "continue it, choose another output.dir, or set output.overwrite = true to replace it"
-            )
-        for path in (run.metrics, run.summary):
-            path.unlink(missing_ok=True)
-        for path in (run.checkpoints, run.samples, run.plots, run.tensorboard):
-            shutil.rmtree(path, ignore_errors=True)
-    if resuming and run.config.exists():
-        _refuse_changed_training(config, run)
-    for path in (run.root, run.checkpoints, run.samples, run.plots):
-        path.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(config, run.config)
-    return run
+    if resuming and not run.root.is_dir():
+        raise CheckpointError(f"--resume {run.root}: folder not found (expected the output.dir of an earlier run)")
+    lock = lock_run_dir(run.root, command)  # first: nothing below may race another process
+    try:
+        notes = [lock.took_over] if lock.took_over else []
+        if not resuming and run.metrics.exists():
+            if not config.output.overwrite:
+                raise ConfigError(_holds_a_run(run))
+            for path in (run.metrics, run.summary):
+                path.unlink(missing_ok=True)
+            for path in (run.checkpoints, run.samples, run.plots, run.tensorboard):
+                shutil.rmtree(path, ignore_errors=True)
+        if resuming and run.config.exists():
+            _refuse_changed_training(config, run)
+        done, freed = clean_leftovers([run.root, run.checkpoints, run.samples, run.plots])
+        if done:
+            notes.append(f"cleaned up after an interrupted run: {'; '.join(done)} — {format_bytes(freed)} freed")
+        for path in (run.root, run.checkpoints, run.samples, run.plots):
+            path.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(config, run.config)
+    except BaseException:
+        lock.release()
+        raise
+    return run, lock, notes
+
+
+def _holds_a_run(run: RunDir) -> str:
+    """Why a fresh run refuses `run`, and what to do: resume it, or (with nothing to resume) overwrite it."""
+    if resumable_candidates(run.checkpoints):
+        return (f"output.dir = '{run.root}' already holds a run (metrics.jsonl). Use `--resume {run.root}` to "
+                "continue it, choose another output.dir, or set output.overwrite = true to replace it")
+    steps = [r.get("step", 0) for r in read_metrics(run.metrics)]
+    return (f"output.dir = '{run.root}' holds a run that stopped at step {max(steps, default=0)} before its first "
+            "resumable save, so there is nothing to resume. Start it again with --set output.overwrite=true "
+            "(or output.overwrite = true in the config), or choose another output.dir")
 
 
 def _refuse_changed_training(config: Config, run: RunDir) -> None:

@@ -26,7 +26,14 @@ FINAL_FOLDER = "final"
 
 
 def auto(config: Config, show_progress: bool = True, log=print) -> dict[str, Any]:
-    """Run the whole search and return what auto.json holds."""
+    """Run the whole search and return what auto.json holds (holding output.dir's lock throughout)."""
+    from difftune.training.run_lock import lock_run_dir
+
+    with lock_run_dir(config.output.dir, "auto"):
+        return _auto(config, show_progress, log)
+
+
+def _auto(config: Config, show_progress: bool, log) -> dict[str, Any]:
     from difftune.checkpoint.atomic import atomic_write_json
     from difftune.tuning import lr_finder, step_finder
 

@@ -239,7 +239,14 @@ def _should_extend(config: Config, lrs: list[float], planned: np.ndarray) -> boo
 
 def find_lr(config: Config, show_progress: bool = True) -> dict[str, Any]:
     """Run the range test for `config` and write find_lr.json, curve.csv and find_lr.png under
-    `<output.dir>/find-lr/`. Returns the result (the JSON's content)."""
+    `<output.dir>/find-lr/`. Returns the result (the JSON's content). Holds output.dir's lock."""
+    from difftune.training.run_lock import lock_run_dir
+
+    with lock_run_dir(config.output.dir, "find-lr"):
+        return _find_lr(config, show_progress)
+
+
+def _find_lr(config: Config, show_progress: bool) -> dict[str, Any]:
     from difftune.reporting.progress import Progress
     from difftune.training.loop import Trainer
     from difftune.tuning.plots import plot_lr_sweep
@@ -273,6 +280,7 @@ def find_lr(config: Config, show_progress: bool = True) -> dict[str, Any]:
         raw = run_sweep(trainer, config, ramp_fn, point_lrs, on_point)
     finally:
         progress.close()
+        trainer.close()
     analysis = analyze_lr_sweep(
         raw["lrs"], raw["item_losses"], raw["baseline"], raw["buckets"], rule=settings.rule,
         sigma=settings.smoothing, bootstrap_samples=settings.bootstrap_samples, seed=config.validation.seed,

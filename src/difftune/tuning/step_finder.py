@@ -45,8 +45,15 @@ def find_steps(config: Config, lr: float | None = None, show_progress: bool = Tr
     """Train at constant `lr` (default: train.lr) until early stopping; returns the best step and band.
 
     Writes find_steps.json and find_steps.png into the run folder; the best weights are in
-    `<run folder>/checkpoints/best`.
+    `<run folder>/checkpoints/best`. Holds output.dir's lock.
     """
+    from difftune.training.run_lock import lock_run_dir
+
+    with lock_run_dir(config.output.dir, "find-steps"):
+        return _find_steps(config, lr, show_progress, folder)
+
+
+def _find_steps(config: Config, lr: float | None, show_progress: bool, folder: str) -> dict[str, Any]:
     from difftune.checkpoint.atomic import atomic_write_json
     from difftune.config.loading import ConfigError
     from difftune.reporting.metrics import read_metrics
@@ -64,6 +71,7 @@ def find_steps(config: Config, lr: float | None = None, show_progress: bool = Tr
     started = time.perf_counter()
     trainer = Trainer(run_config, show_progress=show_progress, early_stopping=stopper)
     if trainer.val_probe is None:
+        trainer.close()
         raise ConfigError(
             "find-steps needs validation images: set data.val_split > 0 or data.val_dir "
             f"(the run would have no validation loss to stop on); config {config.output.dir}"

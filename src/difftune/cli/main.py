@@ -146,7 +146,9 @@ RUN_DIR_FILES = (
     ("samples/", "step-NNNNNN.png grids of sample.prompts, a fixed seed per prompt"),
     ("checkpoints/", "step-NNNNNN/ and final/: the export (a diffusers folder and/or model.safetensors for a full "
      "fine-tune, <name>.safetensors for a LoRA-family network) plus training_state/ for --resume; best/ with "
-     "output.save_best; latest.json names the newest resumable save"),
+     "output.save_best; each save's manifest.json lists the size and sha256 of its files; latest.json "
+     "names the newest resumable save"),
+    (".difftune.lock", "held while a process uses the directory: a second run on it is refused"),
 )
 
 EXIT_CODES = """\
@@ -178,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes the run directory output.dir:",
         _files(*RUN_DIR_FILES),
         "A new run refuses an output.dir that already holds one (metrics.jsonl) unless output.overwrite = "
-        "true. Saves are written to a temporary folder and renamed into place; output.save_last_n prunes "
-        "old ones.",
-        "--resume RUN_DIR continues the run in RUN_DIR (which replaces output.dir) from its newest save "
-        "with training state, bit for bit as if it had not stopped. Only the run length (train.max_steps, "
+        "true, and any run refuses a directory another live process is using. Saves are written to a "
+        "temporary folder and renamed into place (leftovers of an interrupted save are removed on the next "
+        "start); output.save_last_n prunes old ones.",
+        "--resume RUN_DIR continues the run in RUN_DIR (which replaces output.dir) from its newest intact "
+        "save with training state (each save is checked against its manifest; broken newer ones are named "
+        "and skipped), bit for bit as if it had not stopped. Only the run length (train.max_steps, "
         "train.max_epochs), output.*, sample.*, validation.every_n_* and data.num_workers may differ from "
         "the run's config.resolved.toml; pass that file as CONFIG to resume exactly.",
     ))

@@ -8,6 +8,7 @@ tokenizer is built from the vocabulary in the `open_clip_torch` wheel. Nothing i
 
 from __future__ import annotations
 
+import pickle
 from importlib import resources
 from pathlib import Path
 
@@ -88,6 +89,16 @@ def load_single_file(path: Path, config: ModelConfig) -> tuple[dict, str]:
     try:
         checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
     except _ERRORS as e:
+        if _refused_pickle(e):
+            raise SingleFileError(
+                f"model.path = '{path}': refused as unsafe: this pickled checkpoint holds objects other than "
+                "tensors, and unpickling them could run code (difftune reads .ckpt files with "
+                "torch.load(weights_only=True) only). Use a .safetensors version of the model; if you trust the "
+                "file's source, convert it yourself: python -c \"import torch, safetensors.torch as st; "
+                f"sd = torch.load('{path.name}', weights_only=False); sd = sd.get('state_dict', sd); "
+                f"st.save_file({{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, "
+                f"'{path.stem}.safetensors')\""
+            ) from None
         raise SingleFileError(f"model.path = '{path}': could not read the checkpoint file: {e}") from e
     checkpoint = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor) or k == "global_step"}
     if config.config_dir:
@@ -122,6 +133,15 @@ def load_single_file(path: Path, config: ModelConfig) -> tuple[dict, str]:
         "noise_scheduler": scheduler,
     }
     return parts, family
+
+
+def _refused_pickle(error: BaseException) -> bool:
+    """torch.load(weights_only=True) refused a pickle global (diffusers re-raises it as an OSError)."""
+    while error is not None:
+        if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _tokenizer_for(text_encoder: CLIPTextModel, config_dir: Path):

@@ -13,6 +13,9 @@ from difftune.config.schema import Config
 from difftune.data.records import DatasetError, ImageRecord, scan_image_folder
 from difftune.data.split import split_records
 
+MIN_CROP_KEPT = 0.25
+"""Warn when the square crop keeps less than this fraction of an image's area."""
+
 
 @dataclass
 class Plan:
@@ -80,6 +83,14 @@ def make_plan(config: Config) -> Plan:
         warnings.append(
             f"{len(small)} image(s) are smaller than data.resolution ({data.resolution} px on the short side) and are "
             f"upscaled, which blurs what the model learns; e.g. {small[0].path} ({small[0].size[0]}x{small[0].size[1]})"
+        )
+    cut = [r for r in train_records + val_records if min(r.size) > 0 and min(r.size) / max(r.size) < MIN_CROP_KEPT]
+    if cut:
+        worst = min(cut, key=lambda r: min(r.size) / max(r.size))
+        warnings.append(
+            f"{len(cut)} image(s) lose more than {1 - MIN_CROP_KEPT:.0%} of their area to the square crop, so most of "
+            f"what they show is never trained on; e.g. {worst.path} ({worst.size[0]}x{worst.size[1]} keeps "
+            f"{min(worst.size) / max(worst.size):.0%}). Crop them yourself to what matters"
         )
     samples_per_epoch = sum(r.repeats for r in train_records)
     batches_per_epoch = max(1, samples_per_epoch // train.batch_size)

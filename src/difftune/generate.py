@@ -17,17 +17,23 @@ def generate(model_path: str, prompts: list[str], out: str | Path, *, lora: str 
     """Render each prompt (seed, seed+1, ...) and save PNGs: `out` for one prompt, `out` with -N suffixes
     for several, plus a grid `out` when there are several. Returns the written paths."""
     import torch
+    from pydantic import ValidationError
 
+    from difftune.config.loading import ConfigError, format_validation_error
     from difftune.models import load_model
     from difftune.reporting.samples import make_grid, render_samples
 
-    model = load_model(ModelConfig(path=model_path, clip_skip=clip_skip))
+    try:  # the flags are checked like config keys, with the same messages
+        model_config = ModelConfig(path=model_path, clip_skip=clip_skip)
+        sample = SampleConfig(prompts=prompts, seed=seed, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
+                              negative_prompt=negative_prompt, width=width, height=height)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "difftune sample")) from None
+    model = load_model(model_config)
     if lora is not None:
         from difftune.network.lycoris_net import load_lora_file
 
         load_lora_file(model, lora, multiplier=scale)
-    sample = SampleConfig(prompts=prompts, seed=seed, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
-                          negative_prompt=negative_prompt, width=width, height=height)
     resolution = model.unet.config.sample_size * model.vae_scale_factor
     with torch.no_grad():
         images = render_samples(model, sample, resolution)

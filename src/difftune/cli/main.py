@@ -409,9 +409,8 @@ def _add_lora_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help ends here, before any heavy library is imported
     if args.version:
         from difftune import __version__
 
@@ -420,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USER_ERROR
+    _quiet_libraries()
     from difftune.errors import TrainingDiverged, UserError
 
     try:

@@ -1,4 +1,4 @@
-"""The run directory contract (DESIGN.md): where every output of a run lives."""
+"""The run directory contract (docs/design.md): where every output of a run lives."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ import torch
 from conftest import quick_config_dict
 from difftune.config.loading import validate_config
 from difftune.training.loop import Trainer
-from difftune.training.step import draw_noise_and_timesteps, per_sample_loss, step_generator
+from difftune.training.step import draw_noise, per_sample_loss, step_generator
 
 STEPS = 3
 # train.seed of every run and of the fixed batch. Not quick_config's 7: with seed 7 the 12 timesteps of
@@ -38,7 +38,7 @@ STEPS = 3
 # change nothing. With seed 2 the fixed batch's timesteps are [113, 868, 734, 611] and each of the 3 steps
 # draws exactly one timestep with SNR > 5 (t < 147): both sides of the clamp are exercised.
 SEED = 2
-FULL_PARAM = "unet.conv_out.weight"  # a full fine-tune's state_dict keys are "unet.<parameter>"
+FULL_PARAM = "denoiser.conv_out.weight"  # a full fine-tune's state_dict keys are "<role>.<parameter>"
 LORA_PARAM = "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"  # starts at zero
 
 # name -> config sections of the training runs (on top of quick_config_dict: tiny-sd, 16 px, batch 4).
@@ -195,24 +195,26 @@ def weights_summary(tensors: dict[str, torch.Tensor], key: str) -> dict:
     }
 
 
-def micro_batch_draw(trainer: Trainer, batch: dict, step: int = 0, micro: int = 0, noise_offset: float = 0.0):
+def micro_batch_draw(trainer: Trainer, batch, step: int = 0, micro: int = 0, noise_offset: float = 0.0):
     """Latents, conditioning, noise and timesteps of one micro-batch, drawn as `Trainer.optimizer_step`
     draws them (same generator, same order of draws, same grad and autocast modes)."""
     model = trainer.model
     generator = step_generator(trainer.config.train.seed, step, micro)
-    latents = model.encode_images(batch["pixels"].to(trainer.accelerator.device), generator)
+    latents = model.encode_images(batch.pixels.to(trainer.accelerator.device), generator)
     with trainer.accelerator.autocast():
         with torch.no_grad():  # the loop's torch.set_grad_enabled(train_text_encoder = False)
-            conditioning = model.encode_prompts(batch["captions"])
-        noise, timesteps = draw_noise_and_timesteps(latents, generator, model.num_train_timesteps, noise_offset)
+            conditioning = model.condition(model.encode_text(batch.captions), batch)
+        noise = draw_noise(latents, generator, noise_offset)
+        timesteps = trainer.objective.sample_t(latents.shape[0], generator)
     return latents, conditioning, noise, timesteps
 
 
-def micro_batch_losses(trainer: Trainer, batch: dict, step: int = 0, micro: int = 0, noise_offset: float = 0.0,
+def micro_batch_losses(trainer: Trainer, batch, step: int = 0, micro: int = 0, noise_offset: float = 0.0,
                        min_snr_gamma: float | None = None) -> list[float]:
     latents, conditioning, noise, timesteps = micro_batch_draw(trainer, batch, step, micro, noise_offset)
+    objective = trainer.model.make_objective(min_snr_gamma)
     with trainer.accelerator.autocast():
-        loss = per_sample_loss(trainer.model, latents, conditioning, noise, timesteps, min_snr_gamma)
+        loss = per_sample_loss(trainer.model, objective, latents, conditioning, noise, timesteps)
     return loss.detach().tolist()
 
 
@@ -255,14 +257,15 @@ def measure_run(digits_dir: Path, root: Path, name: str) -> dict:
         losses, images = [], []
         for _ in range(STEPS):
             group = next(groups)
-            images.append((torch.cat([b["pixels"] for b in group]), [c for b in group for c in b["captions"]]))
+            images.append((torch.cat([b.pixels for b in group]), [c for b in group for c in b.captions]))
             losses.append(trainer.optimizer_step(group))
             trainer.state.step += 1
         lora = trainer.config.network.type is not None
         out.update(losses=losses, **weights_summary(trainer.network.state_dict(), LORA_PARAM if lora else FULL_PARAM))
         out["images"] = images
         if lora:
-            out["unet"] = weights_summary({f"unet.{k}": v for k, v in trainer.model.unet.state_dict().items()}, FULL_PARAM)
+            out["unet"] = weights_summary({f"denoiser.{k}": v for k, v in trainer.model.unet.state_dict().items()},
+                                          FULL_PARAM)
         return out
     finally:
         trainer.close()
@@ -304,7 +307,7 @@ def differs(a: dict, b: dict) -> bool:
 # ------------------------------------------------------------------------- 1. the fixed batch
 def test_fixed_batch_draw_and_per_sample_losses(fixed):
     eps, v = fixed["batches"]["epsilon"], fixed["batches"]["v_prediction"]
-    assert torch.equal(eps["pixels"], v["pixels"]) and eps["captions"] == v["captions"]  # the same batch
+    assert torch.equal(eps.pixels, v.pixels) and eps.captions == v.captions  # the same batch
     assert fixed["draw"] == PINNED_DRAW
     assert fixed["per_sample"] == PINNED_PER_SAMPLE
 

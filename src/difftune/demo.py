@@ -44,8 +44,8 @@ def prepare_base_model(folder: Path, images_dir: Path, steps: int = 200, seed: i
 
     from difftune.data.records import scan_image_folder
     from difftune.data.transforms import load_image
-    from difftune.models.sd import StableDiffusionModel
-    from difftune.models.tiny import build_tiny_components
+    from difftune.models.sd.adapter import StableDiffusionModel
+    from difftune.models.sd.tiny import build_tiny_components
 
     folder = Path(folder)
     if (folder / "model_index.json").is_file():

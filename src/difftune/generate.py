@@ -34,7 +34,7 @@ def generate(model_path: str, prompts: list[str], out: str | Path, *, lora: str 
         from difftune.network.lycoris_net import load_lora_file
 
         load_lora_file(model, lora, multiplier=scale)
-    resolution = model.unet.config.sample_size * model.vae_scale_factor
+    resolution = model.native_resolution
     with torch.no_grad():
         images = render_samples(model, sample, resolution)
     out = Path(out)

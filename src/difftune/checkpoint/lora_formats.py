@@ -32,8 +32,9 @@ from difftune.checkpoint.atomic import atomic_path
 from difftune.errors import LoraFormatError  # noqa: F401  (re-exported for callers)
 
 UNET_PREFIX = "lora_unet_"
-TE_PREFIX = "lora_te_"
-TE_MODEL_PREFIX = "lora_te_text_model_"
+TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PREFIXES = (UNET_PREFIX, *TE_PREFIXES)
+DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_PAIR = ("lora_down.weight", "lora_up.weight")
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -57,43 +58,68 @@ class _TextModelNames(torch.nn.Module):
         self.text_model = text_encoder
 
 
-def kohya_name(part: str, module_path: str) -> str:
-    """`unet`/`text_encoder` + dotted path (text encoder paths start with `text_model.`) → kohya name."""
-    prefix = UNET_PREFIX if part == "unet" else TE_PREFIX
-    return prefix + module_path.replace(".", "_")
+def lora_hosts(model) -> dict[str, torch.nn.Module]:
+    """Role → the module whose layers a LoRA names (text encoders as seen under `text_model.`)."""
+    hosts = {"denoiser": model.parts["denoiser"]}
+    for role in model.text_encoder_roles:
+        hosts[role] = kohya_text_encoder(model.parts[role])
+    return hosts
 
 
-def module_table(unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None) -> dict[str, str]:
-    """kohya module name → diffusers-layout module key (`unet.<path>` / `text_encoder.text_model.<path>`)."""
-    table = {}
-    for part, root in (("unet", unet), ("text_encoder", kohya_text_encoder(text_encoder) if text_encoder else None)):
-        if root is None:
-            continue
+def lycoris_name(model, role: str, module_path: str) -> str:
+    """The name LyCORIS's kohya front end gives a layer: the role's prefix + its dotted path with `_`."""
+    return f"{model.kohya_prefixes[role]}_{module_path.replace('.', '_')}"
+
+
+def file_name(model, role: str, module_path: str) -> str:
+    """The layer's name in a kohya-layout file: LyCORIS's name unless the family names it otherwise
+    (SDXL files name UNet layers by the original SGM module paths)."""
+    rename = getattr(model, "kohya_file_name", None)
+    return (rename(role, module_path) if rename else None) or lycoris_name(model, role, module_path)
+
+
+def _layers(model):
+    for role, root in lora_hosts(model).items():
         for path, module in root.named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                table[kohya_name(part, path)] = f"{part}.{path}"
-    return table
+                yield role, path
+
+
+def module_table(model) -> dict[str, str]:
+    """kohya file name of every layer → its diffusers-layout key (`unet.<path>`, `text_encoder.text_model.<path>`)."""
+    return {file_name(model, role, path): f"{model.diffusers_prefixes[role]}.{path}" for role, path in _layers(model)}
+
+
+def file_renames(model) -> dict[str, str]:
+    """LyCORIS name → kohya file name, for the layers where the two differ (none for SD 1.x/2.x)."""
+    renames = {}
+    for role, path in _layers(model):
+        ours, theirs = lycoris_name(model, role, path), file_name(model, role, path)
+        if ours != theirs:
+            renames[ours] = theirs
+    return renames
+
+
+def rename_modules(tensors: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Rename the module part of kohya keys (`<module>.<tensor>`) by `renames`; others stay."""
+    if not renames:
+        return dict(tensors)
+    out = {}
+    for key, value in tensors.items():
+        module, dot, tensor = key.partition(".")
+        out[renames.get(module, module) + dot + tensor] = value
+    return out
 
 
 @lru_cache(maxsize=1)
-def reference_module_table() -> dict[str, str]:
-    """Module names of the SD 1.x and 2.x architectures (shipped configs, built without weights), and of
-    the built-in tiny model, for converting files when no model is given."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from difftune.models.single_file import shipped_config_dir
-    from difftune.models.tiny import tiny_text_encoder, tiny_unet
+def reference_module_table(family: str) -> dict[str, str]:
+    """Module names of the architectures difftune ships for `family` (built without weights), for
+    converting files when no model is given."""
+    from difftune.models.registry import FAMILIES
 
     table: dict[str, str] = {}
-    with init_empty_weights():
-        for family in ("sd1", "sd2"):
-            folder = shipped_config_dir(family)
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-            text = CLIPTextModel(CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json"))
-            table.update(module_table(unet, text))
-        table.update(module_table(tiny_unet(), tiny_text_encoder()))
+    for model in FAMILIES[family].api("reference_models")():
+        table.update(module_table(model))
     return table
 
 
@@ -101,10 +127,24 @@ def normalise_kohya_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """Files written against a flattened CLIPTextModel lack `text_model_`; put it back."""
     out = {}
     for key, value in tensors.items():
-        if key.startswith(TE_PREFIX) and not key.startswith(TE_MODEL_PREFIX):
-            key = TE_MODEL_PREFIX + key[len(TE_PREFIX):]
+        prefix = next((p for p in TE_PREFIXES if key.startswith(p)), None)
+        if prefix and not key.startswith(prefix + "text_model_"):
+            key = prefix + "text_model_" + key[len(prefix):]
         out[key] = value
     return out
+
+
+SDXL_MARKS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
+              "lora_unet_middle_block_")
+
+
+def guess_family(keys: Iterable[str]) -> str:
+    """"sdxl" or "sd" from a LoRA file's keys: SDXL files have two text encoders, SGM UNet names or
+    transformer blocks deeper than one (SD 1.x/2.x UNets have one per attention)."""
+    for key in keys:
+        if key.startswith(SDXL_MARKS) or "transformer_blocks_1_" in key or "transformer_blocks.1." in key:
+            return "sdxl"
+    return "sd"
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -118,16 +158,14 @@ def detect_layout(keys: Iterable[str], source: str = "file") -> str:
     keys = list(keys)
     if not keys:
         raise LoraFormatError(f"{source}: holds no tensors")
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-        raise LoraFormatError(f"{source}: an SDXL LoRA (lora_te1_/lora_te2_ keys); difftune handles SD 1.x/2.x LoRAs for now")
-    if all(k.startswith((UNET_PREFIX, TE_PREFIX)) for k in keys):
+    if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"
-    if all(k.startswith(("unet.", "text_encoder.")) for k in keys):
+    if all(k.startswith(DIFFUSERS_PREFIXES) for k in keys):
         return "diffusers"
-    odd = next(k for k in keys if not k.startswith((UNET_PREFIX, TE_PREFIX, "unet.", "text_encoder.")))
+    odd = next(k for k in keys if not k.startswith(KOHYA_PREFIXES + DIFFUSERS_PREFIXES))
     raise LoraFormatError(
-        f"{source}: not a Stable Diffusion LoRA in kohya (lora_unet_/lora_te_) or diffusers (unet./text_encoder.) "
-        f"layout; first unexpected key: {odd!r}"
+        f"{source}: not a Stable Diffusion / SDXL LoRA in kohya (lora_unet_/lora_te_/lora_te1_/lora_te2_) or "
+        f"diffusers (unet./text_encoder./text_encoder_2.) layout; first unexpected key: {odd!r}"
     )
 
 
@@ -161,9 +199,11 @@ def kohya_to_diffusers(tensors: dict[str, torch.Tensor], table: dict[str, str]) 
 _PEFT_TO_KOHYA_SUFFIX = ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"), (".alpha", "alpha"))
 
 
-def diffusers_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers/PEFT layout → kohya layout with alpha = rank (the scale diffusers applies)."""
+def diffusers_to_kohya(tensors: dict[str, torch.Tensor], table: dict[str, str]) -> dict[str, torch.Tensor]:
+    """diffusers/PEFT layout → kohya layout with alpha = rank (the scale diffusers applies); `table` is
+    module_table() of the model (kohya file name → diffusers key)."""
     tensors = _as_peft(tensors)
+    inverse = {v: k for k, v in table.items()}
     out = {}
     for key, value in tensors.items():
         if "lora_magnitude_vector" in key:
@@ -174,9 +214,11 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         suffix, kohya = match
         module_key = key[: -len(suffix)]
         part, _, path = module_key.partition(".")
-        if part == "text_encoder" and not path.startswith("text_model."):
-            path = "text_model." + path
-        out[f"{kohya_name(part, path)}.{kohya}"] = value
+        if part.startswith("text_encoder") and not path.startswith("text_model."):
+            module_key = f"{part}.text_model.{path}"
+        if module_key not in inverse:
+            raise LoraFormatError(f"{key}: no such layer in the model (is the LoRA for another architecture?)")
+        out[f"{inverse[module_key]}.{kohya}"] = value
     for key in list(out):
         if key.endswith(".lora_down.weight"):
             alpha_key = key.replace(".lora_down.weight", ".alpha")
@@ -191,7 +233,7 @@ def _as_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
     unet = {k: v for k, v in tensors.items() if k.startswith("unet.")}
-    text = {k: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    text = {k: v for k, v in tensors.items() if k.startswith(("text_encoder.", "text_encoder_2."))}
     try:
         converted = convert_unet_state_dict_to_peft(unet) if unet else {}
         if text:
@@ -220,11 +262,12 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, metadata, detect_layout(tensors, str(path))
 
 
-def read_as_kohya(path: str | Path, table: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Any supported LoRA file as kohya-layout tensors (TE names with `text_model_`), plus its metadata."""
+def read_as_kohya(path: str | Path, table: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Any supported LoRA file as kohya-layout tensors (TE names with `text_model_`), plus its metadata;
+    `table`: module_table() of the model the file is for."""
     tensors, metadata, layout = read_lora_file(path)
     if layout == "diffusers":
-        tensors = diffusers_to_kohya(tensors)
+        tensors = diffusers_to_kohya(tensors, table)
     return normalise_kohya_keys(tensors), metadata
 
 
@@ -271,17 +314,14 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 # ------------------------------------------------------------------------------------- metadata
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v"}
-MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v"}
-
-
-def lora_metadata(*, network: dict, run: dict[str, str], family: str, prediction_type: str,
+def lora_metadata(*, network: dict, run: dict[str, str], family_keys: dict[str, str], prediction_type: str,
                   train_config: dict | None = None) -> dict[str, str]:
     """Metadata for a LoRA file: kohya's `ss_*` keys (A1111 reads ss_output_name, ss_v2,
     ss_base_model_version and sshs_model_hash; kohya's tools ss_network_*), the SAI model spec, and
     difftune's own keys (the full network settings, so difftune reloads the file exactly).
 
-    `network`: NetworkSettings.to_dict(); `run`: the trainer's metadata (step, epoch, resolution, ...).
+    `network`: NetworkSettings.to_dict(); `run`: the trainer's metadata (step, epoch, resolution, ...);
+    `family_keys`: the model's lora_metadata() (ss_base_model_version, ss_v2, modelspec.architecture).
     """
     algo = network["type"]
     plain_lora = algo in ("lora", "locon", "dylora") and not network.get("dora")
@@ -303,8 +343,7 @@ def lora_metadata(*, network: dict, run: dict[str, str], family: str, prediction
         "ss_network_alpha": str(network.get("alpha") or "None"),
         "ss_network_args": json.dumps(args),
         "ss_network_dropout": str(network.get("dropout") or 0.0),
-        "ss_base_model_version": BASE_MODEL_VERSIONS.get(family, family),
-        "ss_v2": str(family.startswith("sd2")),
+        **family_keys,
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_sd_model_name": Path(run.get("base_model", "")).name or run.get("base_model", ""),
         "ss_output_name": run.get("output_name", "lora"),
@@ -320,7 +359,6 @@ def lora_metadata(*, network: dict, run: dict[str, str], family: str, prediction
         "ss_seed": str(train_config.get("seed", "")),
         "ss_clip_skip": run.get("clip_skip", ""),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURES.get(family, f"difftune-{family}") + "/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": run.get("output_name", "lora"),
         "modelspec.date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),

@@ -13,6 +13,8 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from difftune.config import network_rules
+from difftune.models.registry import builtin_names, variant_names
+from difftune.samplers import SAMPLERS
 
 
 def _annotation_types(annotation) -> set:
@@ -48,11 +50,12 @@ class Section(BaseModel):
 class ModelConfig(Section):
     path: str = Field(
         "tiny-sd",
-        description="Built-in name (tiny-sd, tiny-sd-v), a diffusers folder (with model_index.json), "
+        description="Built-in name (" + ", ".join(builtin_names()) + "), a diffusers folder (with model_index.json), "
         "or a single .safetensors/.ckpt checkpoint file.",
     )
-    family: Literal["auto", "sd1", "sd2", "sd2-v"] = Field(
-        "auto", description="Architecture of a single-file checkpoint; auto detects it from the weights."
+    family: Literal[("auto", *variant_names())] = Field(
+        "auto", description="Architecture of a single-file checkpoint (" + ", ".join(variant_names()) + "); auto "
+        "detects it from the weights."
     )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="What the UNet predicts; auto reads it from the model's scheduler config."
@@ -173,7 +176,9 @@ class TrainConfig(Section):
     batch_size: int = Field(1, ge=1, description="Images per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(1e-6, gt=0.0, description="Learning rate of the UNet (or the network on it).")
-    text_encoder_lr: float | None = Field(None, ge=0.0, description="Learning rate of the text encoder; default: lr.")
+    text_encoder_lr: float | None = Field(None, ge=0.0, description="Learning rate of the (first) text encoder; default: lr.")
+    text_encoder_2_lr: float | None = Field(None, ge=0.0, description="Learning rate of the second text encoder "
+                                            "(SDXL's OpenCLIP bigG); default: text_encoder_lr.")
     lr_scheduler: str = Field("constant", description="Name of the LR schedule (see docs/optimizers.md, `difftune schedule`).")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (LR climbs from 0) at the start of the schedule.")
     lr_warmup_ratio: float | None = Field(None, ge=0.0, le=1.0, description="Warmup as a fraction of the run's steps, instead of lr_warmup_steps.")
@@ -194,8 +199,10 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision for forward/backward.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet and text encoder.")
     clip_grad_norm: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value.")
-    train_unet: bool = Field(True, description="Train the UNet.")
-    train_text_encoder: bool = Field(False, description="Train the text encoder.")
+    train_unet: bool = Field(True, description="Train the denoiser (the UNet).")
+    train_text_encoder: bool | list[Literal["text_encoder", "text_encoder_2"]] = Field(
+        False, description="Train the text encoder(s): true trains every one the model has, or name them, e.g. "
+        "[\"text_encoder\"] to train only SDXL's first (CLIP ViT-L) encoder.")
     noise_offset: float = Field(0.0, ge=0.0, description="Offset noise strength (0 disables).")
     min_snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting gamma (e.g. 5); off when unset.")
     lr_from: str | None = Field(
@@ -237,7 +244,7 @@ class SampleConfig(Section):
     steps: int = Field(20, ge=1, description="Sampler steps.")
     cfg_scale: float = Field(7.0, ge=0.0, description="Classifier-free guidance scale.")
     negative_prompt: str = Field("", description="Negative prompt.")
-    sampler: Literal["euler", "euler_a", "ddim", "dpmpp_2m", "ddpm"] = Field("euler", description="Sampler.")
+    sampler: Literal[tuple(SAMPLERS)] = Field("euler", description="Sampler: " + ", ".join(SAMPLERS) + ".")
     width: int | None = Field(None, ge=8, description="Sample width; default: data.resolution.")
     height: int | None = Field(None, ge=8, description="Sample height; default: data.resolution.")
 
@@ -349,6 +356,8 @@ class Config(Section):
     def _check_combinations(self) -> Config:
         if self.data.resolution % 8:
             raise ValueError(f"data.resolution: {self.data.resolution} is not a multiple of 8 (the VAE downsamples by 8)")
+        if self.train.train_text_encoder == []:
+            raise ValueError("train.train_text_encoder = []: name at least one text encoder, or set it to false")
         if not (self.train.train_unet or self.train.train_text_encoder):
             raise ValueError("train.train_unet and train.train_text_encoder are both false: nothing would be trained")
         if self.data.keep_tokens and not self.data.shuffle_tags:

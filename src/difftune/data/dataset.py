@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from difftune.config.schema import DataConfig
+from difftune.data.batch import Sample, collate
 from difftune.data.records import ImageRecord
-from difftune.data.transforms import load_image, process_caption
+from difftune.data.transforms import load_cropped, process_caption
 
 
 def expand_repeats(records: list[ImageRecord]) -> list[int]:
@@ -47,13 +48,12 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: SampleKey) -> dict:
+    def __getitem__(self, key: SampleKey) -> Sample:
         record = self.records[key.record]
         rng = random.Random(f"{self.seed}:{key.epoch}:{key.position}")
         crop = None if self.data.center_crop else rng.random()
-        pixels = load_image(record.path, self.data.resolution, crop)
-        if self.data.flip_p > 0 and rng.random() < self.data.flip_p:
-            pixels = pixels.flip(-1)
+        flip = self.data.flip_p > 0 and rng.random() < self.data.flip_p
+        pixels, original, crop_top_left = load_cropped(record.path, self.data.resolution, crop, flip)
         caption = process_caption(
             record.caption,
             rng,
@@ -61,11 +61,8 @@ class TrainDataset(Dataset):
             shuffle_tags=self.data.shuffle_tags,
             keep_tokens=self.data.keep_tokens,
         )
-        return {"pixels": pixels, "caption": caption}
-
-
-def collate(items: list[dict]) -> dict:
-    return {"pixels": torch.stack([i["pixels"] for i in items]), "captions": [i["caption"] for i in items]}
+        size = (self.data.resolution, self.data.resolution)
+        return Sample(pixels, caption, original_size=original, crop_top_left=crop_top_left, target_size=size)
 
 
 class TrainBatches:

@@ -9,23 +9,36 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from difftune.data.batch import Size
+
 
 def load_image(path, resolution: int, crop_position: float | None = None) -> torch.Tensor:
     """Resize the short side to `resolution`, crop a square, return (3, H, W) in [-1, 1].
 
     `crop_position` in [0, 1] picks the crop offset along the long side (None = center).
     """
+    return load_cropped(path, resolution, crop_position)[0]
+
+
+def load_cropped(path, resolution: int, crop_position: float | None = None,
+                 flip: bool = False) -> tuple[torch.Tensor, Size, Size]:
+    """load_image's pixels (flipped horizontally if asked) with the image's original (height, width)
+    and the crop's (top, left) in the resized image: what SDXL's micro-conditioning is built from. A
+    flipped crop's left is measured from the other side, as diffusers' SDXL training script does."""
     with Image.open(path) as image:
         image = _to_rgb(ImageOps.exif_transpose(image))  # phone photos store rotation in EXIF
+        original = (image.height, image.width)
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
     fraction = 0.5 if crop_position is None else crop_position
     left = round((image.width - resolution) * fraction)
     top = round((image.height - resolution) * fraction)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    cropped = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    if flip:
+        pixels, left = pixels.flip(-1), image.width - left - resolution
+    return pixels, original, (top, left)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

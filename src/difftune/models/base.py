@@ -1,8 +1,16 @@
-"""The narrow interface the trainer, validation and the LR finder use to talk to a model family.
+"""The seam between the trainer and a model family.
 
-The loop never touches family-specific details (text-encoder count, added conditioning, prediction
-type): it calls `encode_prompts`, `encode_images`, `predict` and `loss_target`. SDXL, SD3 and Flux
-adapters implement the same protocol later.
+The training step, validation, the tuners, the networks and the exports talk to a family only
+through this protocol (and its `Objective`, models/objectives.py). A family lives in one folder under
+`models/` and registers itself in `models/registry.py`; nothing else names it.
+
+    text = model.encode_text(batch.captions)            # cacheable: depends on the captions only
+    cond = model.condition(text, batch)                 # + per-image conditioning (SDXL's time ids)
+    t = objective.sample_t(n, g); noisy = objective.noisy(x0, noise, t)
+    loss = objective.weight(t) * mse(model.predict(noisy, t, cond), objective.target(x0, noise, t))
+
+Parts are addressed by role: "denoiser" (the UNet or transformer), "text_encoder", "text_encoder_2",
+"vae". Each trained role gets its own LR group.
 """
 
 from __future__ import annotations
@@ -13,48 +21,73 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from difftune.data.batch import Batch
+from difftune.models.objectives import Objective
+
+DENOISER = "denoiser"
+VAE = "vae"
+
 
 @runtime_checkable
 class DiffusionModel(Protocol):
-    """A loaded model family, its trainable parts, and the diffusion maths it needs."""
-
     family: str
-    """Short family name, e.g. "sd1", "sd2", "sd2-v", "tiny-sd"."""
+    """The model's variant as files name it ("sd1", "sd2-v", "sdxl", "tiny-sd", ...)."""
     prediction_type: str
-    """"epsilon" or "v_prediction"."""
-    num_train_timesteps: int
-    unet: nn.Module
-    text_encoders: list[nn.Module]
-    vae: nn.Module
+    parts: dict[str, nn.Module]
+    """Modules by role: "denoiser", "text_encoder"[, "text_encoder_2"], "vae"."""
+    text_encoder_roles: tuple[str, ...]
+    kohya_prefixes: dict[str, str]
+    """Role → the kohya LoRA name prefix of its layers ("lora_unet", "lora_te" or "lora_te1"/"lora_te2")."""
+    diffusers_prefixes: dict[str, str]
+    """Role → the diffusers/PEFT LoRA key prefix ("unet", "text_encoder", "text_encoder_2")."""
+    lora_presets: dict[str, dict[str, Any]]
+    """LyCORIS layer selections by preset name for this family's module classes."""
 
-    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Text conditioning as keyword arguments for `predict` (grad flows if a text encoder trains)."""
+    @property
+    def device(self) -> torch.device: ...
+
+    def make_objective(self, min_snr_gamma: float | None = None) -> Objective: ...
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] → latents as the denoiser sees them; the mean when no generator is given."""
         ...
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1], shape (B, 3, H, W) → scaled latents (no grad)."""
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Text-encoder outputs (grad flows when an encoder trains); depends on the captions only."""
         ...
 
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
-
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The UNet's raw prediction."""
+    def condition(self, text: dict[str, torch.Tensor], batch: Batch) -> dict[str, Any]:
+        """Keyword arguments of `predict` for this batch: the text outputs plus per-image conditioning."""
         ...
 
-    def loss_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor: ...
 
-    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Signal-to-noise ratio per timestep (for Min-SNR weighting)."""
+    def text_token_counts(self, captions: list[str]) -> tuple[list[int], int]:
+        """Tokens per caption and how many the text encoder reads (longer captions are cut)."""
         ...
 
-    def pipeline(self, sampler: str = "euler") -> Any:
-        """A diffusers pipeline over the live modules, for sample images."""
+    def render(self, prompts: list[str], settings: Any, resolution: int) -> list[Any]:
+        """Sample images (PIL), one per prompt with seed settings.seed + i, under no_grad."""
         ...
 
     def save_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> None:
-        """Write a diffusers folder that `DiffusionPipeline.from_pretrained` loads."""
+        """A diffusers folder that the family's pipeline `from_pretrained` loads."""
         ...
 
-    def describe(self) -> dict[str, Any]:
-        """Facts for doctor and summary.json (family, prediction type, parameter counts, source)."""
+    def save_single_file(self, path: Path, dtype: torch.dtype, metadata: dict[str, str]) -> None:
+        """One .safetensors in the layout A1111/Forge/ComfyUI load as a checkpoint."""
         ...
+
+    def lora_metadata(self) -> dict[str, str]:
+        """The family's kohya `ss_*` / modelspec keys for LoRA files (base model version, architecture)."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def text_encoders(model: DiffusionModel) -> list[nn.Module]:
+    return [model.parts[role] for role in model.text_encoder_roles]

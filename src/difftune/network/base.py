@@ -1,8 +1,9 @@
 """The interface between the trainer and what it trains.
 
-A network decides which parameters train (and in which LR group), how the trainable weights are
-saved for resume, and how they are exported for users (a diffusers folder for a full fine-tune, a
-LoRA file for the LoRA family). The loop only calls these methods.
+A network decides which parameters train (one LR group per role: "denoiser", "text_encoder",
+"text_encoder_2"), how the trainable weights are saved for resume, and how they are exported for
+users (a diffusers folder or single file for a full fine-tune, a LoRA file for the LoRA family). The
+loop only calls these methods.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from typing import Any, Protocol
 import torch
 
 from difftune.config.schema import Config
-from difftune.models.base import DiffusionModel
+from difftune.models.base import DENOISER, DiffusionModel
 
 
 class TrainableNetwork(Protocol):
-    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups, each with `params`, `lr` and `name` ("unet" / "text_encoder")."""
+    def param_groups(self, lrs: dict[str, float]) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, each with `params`, `lr` (lrs[role]) and `name` (the role)."""
+        ...
+
+    def trained_roles(self) -> list[str]:
+        """Roles of the model this network trains (or attaches to)."""
         ...
 
     def trained_modules(self) -> list[torch.nn.Module]:
@@ -40,17 +45,20 @@ class TrainableNetwork(Protocol):
         ...
 
 
+def roles_to_train(model: DiffusionModel, config: Config) -> list[str]:
+    """The denoiser (train.train_unet) and the text encoders train.train_text_encoder selects."""
+    from difftune.optim.scaling import trains_text_encoder
+
+    roles = [DENOISER] if config.train.train_unet else []
+    return roles + [role for role in model.text_encoder_roles if trains_text_encoder(config.train, role)]
+
+
 def build_network(model: DiffusionModel, config: Config) -> TrainableNetwork:
     """Full fine-tune when `network.type` is absent; LoRA family otherwise."""
     if config.network.type in (None, "none"):
         from difftune.network.full import FullFineTune
 
-        return FullFineTune(
-            model,
-            train_unet=config.train.train_unet,
-            train_text_encoder=config.train.train_text_encoder,
-            export_format=config.output.checkpoint_format,
-        )
+        return FullFineTune(model, roles_to_train(model, config), export_format=config.output.checkpoint_format)
     from difftune.network.lycoris_net import LoraFamilyNetwork
 
     return LoraFamilyNetwork.for_training(model, config)

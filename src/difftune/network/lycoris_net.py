@@ -31,8 +31,8 @@ from difftune.checkpoint import lora_formats as formats
 from difftune.config import network_rules as rules
 from difftune.config.loading import ConfigError
 from difftune.config.schema import Config, NetworkConfig
-from difftune.models.base import DiffusionModel
-from difftune.network.presets import PRESETS
+from difftune.models.base import DENOISER, DiffusionModel
+from difftune.network.base import roles_to_train
 
 
 @dataclass(frozen=True)
@@ -132,23 +132,31 @@ def _quiet_lycoris():
         logger.setLevel(level)
 
 
-def _build_lycoris(unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None, settings: NetworkSettings,
-                   multiplier: float):
+def lycoris_inputs(model: DiffusionModel, roles: list[str]) -> tuple[Any, torch.nn.Module]:
+    """(text encoder argument, denoiser) for LyCORIS's kohya front end, with roles not trained left
+    empty. One text encoder is passed alone (its layers become lora_te_…); several as a list in the
+    family's order (lora_te1_…, lora_te2_…, as kohya names SDXL's)."""
+    empty = torch.nn.Module()
+    encoders = [formats.kohya_text_encoder(model.parts[r]) if r in roles else empty for r in model.text_encoder_roles]
+    text = encoders[0] if len(encoders) == 1 else encoders
+    if len(encoders) == 1 and model.text_encoder_roles[0] not in roles:
+        text = None
+    return text, model.parts[DENOISER] if DENOISER in roles else empty
+
+
+def _build_lycoris(model: DiffusionModel, roles: list[str], settings: NetworkSettings, multiplier: float):
     from lycoris.kohya import LycorisNetworkKohya
 
+    text, denoiser = lycoris_inputs(model, roles)
     with _quiet_lycoris():
         # Presets are class attributes in LyCORIS: set every one of them right before building.
-        LycorisNetworkKohya.apply_preset(PRESETS[settings.preset])
+        LycorisNetworkKohya.apply_preset(model.lora_presets[settings.preset])
         try:
-            net = LycorisNetworkKohya(
-                formats.kohya_text_encoder(text_encoder) if text_encoder is not None else None,
-                unet if unet is not None else torch.nn.Module(),
-                multiplier=multiplier,
-                **settings.lycoris_kwargs(),
-            )
+            net = LycorisNetworkKohya(text, denoiser, multiplier=multiplier, **settings.lycoris_kwargs())
         except ValueError as e:
             if settings.type == "boft" and "BOFT" in str(e):
-                raise ConfigError(_boft_block_size_problem(settings.block_size, [unet, text_encoder], str(e))) from None
+                hosts = [model.parts[r] for r in roles]
+                raise ConfigError(_boft_block_size_problem(settings.block_size, hosts, str(e))) from None
             raise
     return net
 
@@ -195,10 +203,10 @@ class LoraFamilyNetwork:
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, model: DiffusionModel, settings: NetworkSettings, *, train_unet: bool, train_text_encoder: bool,
-              attach: bool = True, config: Config | None = None, multiplier: float = 1.0) -> LoraFamilyNetwork:
-        net = _build_lycoris(model.unet if train_unet else None, model.text_encoder if train_text_encoder else None,
-                             settings, multiplier)
+    def build(cls, model: DiffusionModel, settings: NetworkSettings, roles: list[str], *, attach: bool = True,
+              config: Config | None = None, multiplier: float = 1.0) -> LoraFamilyNetwork:
+        """A network of `settings` on the layers of `roles` ("denoiser", "text_encoder", ...)."""
+        net = _build_lycoris(model, roles, settings, multiplier)
         return cls(model, net, settings, attach=attach, config=config, multiplier=multiplier)
 
     @classmethod
@@ -207,15 +215,15 @@ class LoraFamilyNetwork:
         # ran before it in the process (and two runs of one config start from the same network).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.train.seed)
-            network = cls.build(model, NetworkSettings.from_config(config.network), train_unet=config.train.train_unet,
-                                train_text_encoder=config.train.train_text_encoder, config=config)
+            network = cls.build(model, NetworkSettings.from_config(config.network), roles_to_train(model, config),
+                                config=config)
         # Dropouts (and DyLoRA's rank) draw from the global RNG while training: start it from the seed, so
         # a run's masks do not depend on what ran before it (a resume restores the RNG from its checkpoint).
         torch.manual_seed(config.train.seed)
         if not network.loras:
             raise ConfigError(f"network.preset = '{network.settings.preset}' matched no layer of this model "
                               "(train.train_unet / train.train_text_encoder select the parts)")
-        for module in [model.unet, model.vae, *model.text_encoders]:
+        for module in model.parts.values():
             module.requires_grad_(False)
         network.net.requires_grad_(True)
         if config.network.init_from:
@@ -228,7 +236,12 @@ class LoraFamilyNetwork:
         return list(self.net.loras)
 
     def name_table(self) -> dict[str, str]:
-        return formats.module_table(self.model.unet, self.model.text_encoder)
+        return formats.module_table(self.model)
+
+    def role_of(self, lora_name: str) -> str | None:
+        """The role whose layer a LyCORIS module wraps (from its name's prefix)."""
+        return next((role for role, prefix in self.model.kohya_prefixes.items() if lora_name.startswith(prefix + "_")),
+                    None)
 
     # ------------------------------------------------------------------------------- attach/merge
     def attach(self) -> None:
@@ -261,12 +274,7 @@ class LoraFamilyNetwork:
             module.merge_to(scale)
 
     def _hosts(self) -> list[torch.nn.Module]:
-        hosts = []
-        if any(m.lora_name.startswith(formats.UNET_PREFIX) for m in self.loras):
-            hosts.append(self.model.unet)
-        if any(m.lora_name.startswith(formats.TE_PREFIX) for m in self.loras):
-            hosts.append(self.model.text_encoder)
-        return hosts
+        return [self.model.parts[role] for role in self.trained_roles()]
 
     def _before_forward(self, module, args) -> None:
         # Training-time randomness (dropouts, DyLoRA's rank) only while gradients flow: validation and
@@ -280,13 +288,17 @@ class LoraFamilyNetwork:
             random.seed(int(torch.randint(0, 2**62, (1,)).item()))
 
     # ----------------------------------------------------------------------------- the protocol
-    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict[str, Any]]:
+    def param_groups(self, lrs: dict[str, float]) -> list[dict[str, Any]]:
         groups = []
-        for name, prefix, lr in (("unet", formats.UNET_PREFIX, unet_lr), ("text_encoder", formats.TE_PREFIX, text_encoder_lr)):
-            params = [p for m in self.loras if m.lora_name.startswith(prefix) for p in m.parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": lr, "name": name})
+        for role in self.trained_roles():
+            params = [p for m in self.loras if self.role_of(m.lora_name) == role for p in m.parameters() if p.requires_grad]
+            groups.append({"params": params, "lr": lrs[role], "name": role})
         return groups
+
+    def trained_roles(self) -> list[str]:
+        """Roles with at least one layer of the network, in the model's order."""
+        present = {self.role_of(m.lora_name) for m in self.loras}
+        return [role for role in (DENOISER, *self.model.text_encoder_roles) if role in present]
 
     def trained_modules(self) -> list[torch.nn.Module]:
         return [self.net]
@@ -327,9 +339,13 @@ class LoraFamilyNetwork:
                 tensors[f"{module.lora_name}.lora_up.weight"] = up.reshape(*up.shape, *[1] * (len(module.shape) - 2))
         return tensors
 
+    def file_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """export_tensors() under the layer names the family's kohya files use (SDXL: SGM UNet names)."""
+        return formats.rename_modules(self.export_tensors(dtype), formats.file_renames(self.model))
+
     def export(self, directory: Path, model: DiffusionModel, metadata: dict[str, str], dtype: torch.dtype) -> None:
         lora_format = self.config.output.lora_format if self.config is not None else "kohya"
-        tensors = self.export_tensors(dtype)
+        tensors = self.file_tensors(dtype)
         meta = self.file_metadata(metadata)
         if lora_format in ("kohya", "both"):
             formats.write_lora_file(Path(directory) / f"{meta['ss_output_name']}.safetensors", tensors, meta)
@@ -344,7 +360,7 @@ class LoraFamilyNetwork:
         if self.config is not None:
             run.setdefault("clip_skip", str(self.config.model.clip_skip))
         train = self.config.train.model_dump() if self.config is not None else {}
-        return formats.lora_metadata(network=self.settings.to_dict(), run=run, family=self.model.family,
+        return formats.lora_metadata(network=self.settings.to_dict(), run=run, family_keys=self.model.lora_metadata(),
                                      prediction_type=self.model.prediction_type, train_config=train)
 
     def describe(self) -> dict[str, Any]:
@@ -352,8 +368,7 @@ class LoraFamilyNetwork:
         settings.pop("lycoris_algo", None)
         return {
             **{k: v for k, v in settings.items() if v not in (None, False, 0.0) or k == "type"},
-            "trains": [p for p, prefix in (("unet", formats.UNET_PREFIX), ("text_encoder", formats.TE_PREFIX))
-                       if any(m.lora_name.startswith(prefix) for m in self.loras)],
+            "trains": self.trained_roles(),
             "layers": len(self.loras),
             "trainable_parameters": sum(p.numel() for p in self.net.parameters() if p.requires_grad),
             "file_bytes": self.file_bytes(self.export_shapes()),
@@ -382,7 +397,8 @@ class LoraFamilyNetwork:
         weights for plain LoRA pairs (same function), and is an error for other algorithms.
         """
         by_module: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in formats.normalise_kohya_keys(tensors).items():
+        tensors = to_lycoris_names(self.model, formats.normalise_kohya_keys(tensors))
+        for key, value in tensors.items():
             module, tensor = formats.split_key(key)
             by_module.setdefault(module, {})[tensor] = value
         modules = {m.lora_name: m for m in self.loras}
@@ -487,20 +503,24 @@ def _live_diff_weight(module, multiplier=1.0, shape=None, device=None):
 
 
 # ------------------------------------------------------------------------------------ from files
+def to_lycoris_names(model: DiffusionModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kohya-file tensors under the names LyCORIS gives the layers (SDXL files name UNet layers by SGM paths)."""
+    renames = formats.file_renames(model)
+    return formats.rename_modules(tensors, {theirs: ours for ours, theirs in renames.items()})
+
+
 def load_lora_file(model: DiffusionModel, path: str | Path, multiplier: float = 1.0, attach: bool = True) -> LoraFamilyNetwork:
     """Put a LoRA-family file (kohya or diffusers layout) on `model`.
 
     difftune's own files carry their settings in the metadata and are rebuilt exactly; other files go
     through LyCORIS's detection of the algorithm from the tensor names.
     """
-    table = formats.module_table(model.unet, model.text_encoder)
-    tensors, metadata = formats.read_as_kohya(path, table)
-    has_unet = any(k.startswith(formats.UNET_PREFIX) for k in tensors)
-    has_te = any(k.startswith(formats.TE_PREFIX) for k in tensors)
+    tensors, metadata = formats.read_as_kohya(path, formats.module_table(model))
+    tensors = to_lycoris_names(model, tensors)
+    roles = [role for role, prefix in model.kohya_prefixes.items() if any(k.startswith(prefix + "_") for k in tensors)]
     if "difftune_network" in metadata:
         settings = NetworkSettings.from_dict(json.loads(metadata["difftune_network"]))
-        network = LoraFamilyNetwork.build(model, settings, train_unet=has_unet, train_text_encoder=has_te,
-                                          attach=False, multiplier=multiplier)
+        network = LoraFamilyNetwork.build(model, settings, roles, attach=False, multiplier=multiplier)
         network.load_export_tensors(tensors, source=str(path))
     else:
         network = _foreign(model, tensors, multiplier, str(path))
@@ -514,13 +534,13 @@ def load_lora_file(model: DiffusionModel, path: str | Path, multiplier: float = 
 def _foreign(model: DiffusionModel, tensors: dict[str, torch.Tensor], multiplier: float, source: str) -> LoraFamilyNetwork:
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 
-    text = formats.kohya_text_encoder(model.text_encoder)
+    text, denoiser = lycoris_inputs(model, [DENOISER, *model.text_encoder_roles])
     try:
         with _quiet_lycoris():
             # create_network_from_weights first builds (and discards) a network from LyCORIS's class-level
             # preset, whose default fails on a diffusers UNet ("duplicated lora name"): give it ours.
-            LycorisNetworkKohya.apply_preset(PRESETS["attn-only"])
-            net, _ = create_network_from_weights(multiplier, None, None, text, model.unet, weights_sd=tensors)
+            LycorisNetworkKohya.apply_preset(model.lora_presets["attn-only"])
+            net, _ = create_network_from_weights(multiplier, None, None, text, denoiser, weights_sd=tensors)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise formats.LoraFormatError(f"{source}: LyCORIS could not rebuild this network: {e}") from e
     net.loras = net.text_encoder_loras + net.unet_loras

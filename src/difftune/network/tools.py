@@ -24,29 +24,27 @@ def convert_file(source: str | Path, target: str | Path, to: str, model_path: st
         raise formats.LoraFormatError(f"--to {to!r}: expected 'kohya' or 'diffusers'")
     tensors, metadata, layout = formats.read_lora_file(source)
     metadata.pop("sshs_model_hash", None)  # describes the old bytes
+    table = _table(model_path, tensors)
+    kohya = formats.normalise_kohya_keys(tensors) if layout == "kohya" else formats.diffusers_to_kohya(tensors, table)
     if to == "diffusers":
-        kohya = formats.normalise_kohya_keys(tensors) if layout == "kohya" else formats.diffusers_to_kohya(tensors)
-        out = formats.kohya_to_diffusers(kohya, _table(model_path))
+        out = formats.kohya_to_diffusers(kohya, table)
         meta = {**metadata, "format": "pt"}
     else:
-        out = formats.diffusers_to_kohya(tensors) if layout == "diffusers" else formats.normalise_kohya_keys(tensors)
+        out = kohya
         meta = {**metadata, **_kohya_rank_metadata(out)}
     formats.write_lora_file(Path(target), out, meta, add_hash=to == "kohya")
     return {"from": layout, "to": to, "tensors": len(out), "target": str(target)}
 
 
-def _table(model_path: str | None) -> dict[str, str]:
+def _table(model_path: str | None, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Layer names of `model_path`'s architecture, or of the shipped ones of the family the keys show."""
     if model_path is None:
-        return formats.reference_module_table()
+        return formats.reference_module_table(formats.guess_family(tensors))
     from difftune.config.schema import ModelConfig
-    from difftune.network.facts import weightless_architecture
+    from difftune.models import load_model, weightless_model
 
-    architecture = weightless_architecture(ModelConfig(path=model_path))
-    if architecture is None:
-        from difftune.models import load_model
-
-        architecture = load_model(ModelConfig(path=model_path))
-    return formats.module_table(architecture.unet, architecture.text_encoder)
+    architecture = weightless_model(ModelConfig(path=model_path)) or load_model(ModelConfig(path=model_path))
+    return formats.module_table(architecture)
 
 
 def _kohya_rank_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -73,12 +71,10 @@ def merge_into_model(base: str, lora: str | Path, scale: float, target: str | Pa
     network.merge(scale)
     target = Path(target)
     if target.suffix.lower() == ".safetensors":
-        from difftune.checkpoint.single_file_export import save_single_file
-
         dtype = PRECISIONS[precision or "fp16"]
-        save_single_file(target, model.unet, model.vae, model.text_encoder, dtype=dtype,
-                         metadata={"difftune_merged_lora": Path(lora).name, "difftune_merge_scale": str(scale),
-                                   "difftune_base_model": str(base)})
+        model.save_single_file(target, dtype=dtype,
+                               metadata={"difftune_merged_lora": Path(lora).name, "difftune_merge_scale": str(scale),
+                                         "difftune_base_model": str(base)})
     else:
         if target.exists() and any(target.iterdir()):
             raise formats.LoraFormatError(f"{target}: folder exists and is not empty")

@@ -22,7 +22,8 @@ SCHEDULE_KEY_DEFAULTS = {
 def describe_lr(config: Config, total_steps: int) -> str:
     """One line: effective LR(s) after scale_lr, and the schedule with its warmup and decay."""
     train = config.train
-    unet_lr, te_lr = effective_lrs(train)
+    lrs = effective_lrs(train)
+    unet_lr, te_lr = lrs["denoiser"], lrs["text_encoder"]
     factor = lr_scale_factor(train)
     parts = [f"lr {unet_lr:.3g}"]
     if factor != 1.0:
@@ -44,7 +45,8 @@ def describe_lr(config: Config, total_steps: int) -> str:
 def lr_summary(config: Config, total_steps: int) -> dict[str, str]:
     """Extra lines for doctor's report."""
     train = config.train
-    unet_lr, te_lr = effective_lrs(train)
+    lrs = effective_lrs(train)
+    unet_lr, te_lr = lrs["denoiser"], lrs["text_encoder"]
     lines = {
         "optimizer": config.optimizer.name,
         "effective lr": f"{unet_lr:.4g}" + (f" ({train.lr:g} x {lr_scale_factor(train):.4g}, scale_lr = "
@@ -64,7 +66,8 @@ def optimizer_warnings(config: Config, total_steps: int, full_finetune: bool) ->
         return []
     spec = get_spec(name)
     warnings = []
-    unet_lr, te_lr = effective_lrs(train)
+    lrs = effective_lrs(train)
+    unet_lr, te_lr = lrs["denoiser"], lrs["text_encoder"]
     if spec.lr_free:
         if train.lr != 1.0:
             warnings.append(

@@ -17,14 +17,10 @@ if TYPE_CHECKING:
 
 def group_base_lrs(config: Config) -> dict[str, float]:
     """The parameter groups training will have, with their base LRs after scale_lr."""
-    train = config.train
-    unet_lr, te_lr = effective_lrs(train)
-    groups = {}
-    if train.train_unet:
-        groups["unet"] = unet_lr
-    if train.train_text_encoder:
-        groups["text_encoder"] = te_lr
-    return groups
+    from difftune.models.registry import trained_roles
+
+    lrs = effective_lrs(config.train)
+    return {role: lrs[role] for role in trained_roles(config)}
 
 
 def schedule_curves(config: Config, total_steps: int) -> dict[str, list[float]]:

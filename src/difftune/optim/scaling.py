@@ -20,8 +20,16 @@ def lr_scale_factor(train) -> float:
     return 1.0
 
 
-def effective_lrs(train) -> tuple[float, float]:
-    """(UNet LR, text-encoder LR) after scaling; text_encoder_lr defaults to lr."""
+def effective_lrs(train) -> dict[str, float]:
+    """Each role's LR after scaling: the denoiser's `lr`; text_encoder_lr defaults to lr, and
+    text_encoder_2_lr to text_encoder_lr (kohya's SDXL scripts use one LR for both encoders)."""
     factor = lr_scale_factor(train)
     te = train.text_encoder_lr if train.text_encoder_lr is not None else train.lr
-    return train.lr * factor, te * factor
+    te2 = train.text_encoder_2_lr if train.text_encoder_2_lr is not None else te
+    return {"denoiser": train.lr * factor, "text_encoder": te * factor, "text_encoder_2": te2 * factor}
+
+
+def trains_text_encoder(train, role: str) -> bool:
+    """Whether train.train_text_encoder (true, false or a list of roles) trains `role`."""
+    wanted = train.train_text_encoder
+    return role in wanted if isinstance(wanted, list) else bool(wanted)

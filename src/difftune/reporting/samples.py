@@ -17,7 +17,7 @@ CELL_MIN = 128
 @torch.no_grad()
 def render_samples(model: DiffusionModel, sample: SampleConfig, resolution: int) -> list[Image.Image]:
     pipe = model.pipeline(sample.sampler)
-    modules = [model.unet, *model.text_encoders]
+    modules = list(model.parts.values())
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -33,7 +33,7 @@ def render_samples(model: DiffusionModel, sample: SampleConfig, resolution: int)
                 height=sample.height or resolution,
                 width=sample.width or resolution,
                 generator=generator,
-                clip_skip=getattr(model, "clip_skip", 1) - 1 or None,
+                **model.pipeline_kwargs(),
             )
             images.append(result.images[0])
         return images

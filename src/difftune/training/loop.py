@@ -31,6 +31,7 @@ from difftune.checkpoint.state import (
 )
 from difftune.config.loading import config_to_dict
 from difftune.config.schema import Config
+from difftune.data.batch import Batch
 from difftune.data.dataset import TrainBatches
 from difftune.errors import ConfigError, DiskFullError, TrainingDiverged
 from difftune.models import load_model
@@ -43,7 +44,7 @@ from difftune.reporting.progress import Progress
 from difftune.reporting.samples import write_sample_grid
 from difftune.training.plan import Plan, make_plan
 from difftune.training.run_dir import open_run_dir
-from difftune.training.step import draw_noise_and_timesteps, per_sample_loss, step_generator
+from difftune.training.step import batch_loss, step_generator
 from difftune.training.validation import FixedProbe, ProbeResult
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -81,10 +82,11 @@ class Trainer:
 
     def _build(self, config: Config, resuming: bool, lr_multiplier) -> None:
         self.model = load_model(config.model)
+        self.objective = self.model.make_objective(config.train.min_snr_gamma)
         self.network = build_network(self.model, config)
         self._place_modules()
         train = config.train
-        groups = self.network.param_groups(*effective_lrs(train))  # scale_lr applied
+        groups = self.network.param_groups(effective_lrs(train))  # one LR per trained role, scale_lr applied
         self.optimizer = build_optimizer(config, groups)
         self.scheduler = (
             build_scheduler(config, self.optimizer, self.plan.total_steps)
@@ -153,9 +155,7 @@ class Trainer:
                 self.early_stopping.update(0, last_val)  # a run that never beats the baseline stops too
             metrics.log({"step": 0, "epoch": 0.0, **baseline})
         for group in self.step_groups() if state.step < total else ():  # a finished run has nothing left
-            loss = self.optimizer_step(group)
-            state.step += 1
-            state.batch_in_epoch += len(group)
+            loss = self.train_step(group)
             epoch_done = state.batch_in_epoch >= plan.batches_per_epoch
             finishing = state.step >= total
             record = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / plan.batches_per_epoch, 4),
@@ -198,18 +198,24 @@ class Trainer:
             if group:  # the last group of an epoch may be shorter
                 yield group
 
-    def optimizer_step(self, group: list[dict]) -> float:
-        """Forward/backward over the micro-batches of one step, clip, step; returns the mean loss."""
-        cfg, model, accelerator = self.config, self.model, self.accelerator
+    def train_step(self, group: list[Batch]) -> float:
+        """One optimizer step over a group of micro-batches, and the run's position advanced past it:
+        the one way anything (the loop, the LR finder, tests) trains a step. Returns the mean loss."""
+        loss = self.optimizer_step(group)
+        self.state.step += 1
+        self.state.batch_in_epoch += len(group)
+        return loss
+
+    def optimizer_step(self, group: list[Batch]) -> float:
+        """Forward/backward over the micro-batches of one step, clip, step; returns the mean loss.
+        Does not advance the position (train_step does)."""
+        cfg, accelerator = self.config, self.accelerator
         total_loss = 0.0
+        text_grad = any(role in self.network.trained_roles() for role in self.model.text_encoder_roles)
         for micro, batch in enumerate(group):
             generator = step_generator(cfg.train.seed, self.state.step, micro)
-            latents = model.encode_images(batch["pixels"].to(accelerator.device), generator)
-            with accelerator.autocast():
-                with torch.set_grad_enabled(cfg.train.train_text_encoder):
-                    conditioning = model.encode_prompts(batch["captions"])
-                noise, timesteps = draw_noise_and_timesteps(latents, generator, model.num_train_timesteps, cfg.train.noise_offset)
-                loss = per_sample_loss(model, latents, conditioning, noise, timesteps, cfg.train.min_snr_gamma).mean()
+            loss = batch_loss(self.model, self.objective, batch, generator, device=accelerator.device,
+                              autocast=accelerator.autocast, noise_offset=cfg.train.noise_offset, text_grad=text_grad)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss is {loss.item()} at step {self.state.step + 1} (lr {self.current_lrs()['lr']:.3g})",
@@ -239,19 +245,19 @@ class Trainer:
     def evaluate_probe(self, probe: FixedProbe) -> ProbeResult:
         """Per-item losses of any fixed probe under the weights validation sees (the tuners' raw data)."""
         with self._eval_weights():
-            return probe.evaluate(self.model, self.accelerator.autocast)
+            return probe.evaluate(self.model, self.objective, self.accelerator.autocast)
 
     def validate(self) -> dict[str, float]:
         """Deterministic validation (and stabilized train) loss of the current weights."""
         out = {}
         with self._eval_weights():
             if self.val_probe is not None:
-                result = self.val_probe.evaluate(self.model, self.accelerator.autocast)
+                result = self.val_probe.evaluate(self.model, self.objective, self.accelerator.autocast)
                 out["val_loss"] = result.loss
                 if self.state.best_val_loss is None or result.loss < self.state.best_val_loss:
                     self.state.best_val_loss, self.state.best_val_step = result.loss, self.state.step
             if self.stable_probe is not None:
-                out["stable_train_loss"] = self.stable_probe.evaluate(self.model, self.accelerator.autocast).loss
+                out["stable_train_loss"] = self.stable_probe.evaluate(self.model, self.objective, self.accelerator.autocast).loss
         return out
 
     def _sample(self, name: str) -> None:
@@ -312,17 +318,19 @@ class Trainer:
         device = self.accelerator.device
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.train.mixed_precision, torch.float32)
         trained = {id(m) for m in self.network.trained_modules()}
-        for module in [self.model.unet, self.model.vae, *self.model.text_encoders]:
+        for module in self.model.parts.values():
             frozen_dtype = weight_dtype if device.type == "cuda" else torch.float32
             trained_dtype = torch.bfloat16 if self.config.train.weight_dtype == "bf16" else torch.float32
             module.to(device, dtype=trained_dtype if id(module) in trained else frozen_dtype)
             module.train(id(module) in trained)
         if self.config.train.gradient_checkpointing:
-            if id(self.model.unet) in trained or self.config.network.type:
-                self.model.unet.enable_gradient_checkpointing()
-            for encoder in self.model.text_encoders:
-                if id(encoder) in trained:
-                    encoder.gradient_checkpointing_enable()
+            # A network's layers sit inside the frozen parts: checkpointing those saves the activations too.
+            for role in self.network.trained_roles():
+                module = self.model.parts[role]
+                if hasattr(module, "enable_gradient_checkpointing"):
+                    module.enable_gradient_checkpointing()  # diffusers
+                else:
+                    module.gradient_checkpointing_enable()  # transformers
 
     def _probe(self, records) -> FixedProbe | None:
         if not records:
@@ -343,7 +351,7 @@ class Trainer:
     def _announce(self, progress: Progress) -> None:
         plan = self.plan
         progress.write(
-            f"difftune {__version__}: {self.model.family} ({self.model.prediction_type}) on {self.accelerator.device}, "
+            f"difftune {__version__}: {self.model.family} ({self.objective.prediction_type}) on {self.accelerator.device}, "
             f"{self.network.describe()['type']} training, {len(plan.train_records)} train / {len(plan.val_records)} val images, "
             f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, effective batch {plan.effective_batch_size}, "
             f"{describe_lr(self.config, plan.total_steps)}" + (f" (resuming at step {self.state.step})" if self.state.step else "")

@@ -1,6 +1,11 @@
 """The diffusion loss of one batch, shared by the training loop, validation and the LR finder.
 
-Noise and timesteps are arguments, not drawn inside: training draws them from a per-step generator,
+    loss = objective.weight(t) · mean(mse(model.predict(objective.noisy(x0, noise, t), t, cond),
+                                          objective.target(x0, noise, t)))
+
+Nothing here knows a family: the model conditions and predicts, the objective (models/objectives.py)
+draws timesteps and defines the noisy input, the target and the weight. Noise and timesteps are
+arguments or come from an explicit generator: training draws them from a per-step generator,
 validation passes the same fixed draw every time.
 """
 
@@ -9,49 +14,53 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from difftune.data.batch import Batch
 from difftune.models.base import DiffusionModel
+from difftune.models.objectives import Objective
 
 
 def per_sample_loss(
     model: DiffusionModel,
+    objective: Objective,
     latents: torch.Tensor,
-    conditioning: dict[str, torch.Tensor],
+    cond: dict,
     noise: torch.Tensor,
-    timesteps: torch.Tensor,
-    min_snr_gamma: float | None = None,
+    t: torch.Tensor,
+    weighted: bool = True,
 ) -> torch.Tensor:
-    """MSE between the model's prediction and its target, one value per sample (shape (B,))."""
-    noisy = model.add_noise(latents, noise, timesteps)
-    prediction = model.predict(noisy, timesteps, conditioning).float()
-    target = model.loss_target(latents, noise, timesteps).float()
-    loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma is not None:
-        loss = loss * min_snr_weight(model, timesteps, min_snr_gamma)
-    return loss
+    """MSE between the model's prediction and its target, one value per sample (shape (B,)).
 
-
-def min_snr_weight(model: DiffusionModel, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ weighting (Hang et al. 2023): caps the weight of low-noise timesteps.
-
-    For v-prediction the target already carries a factor of (snr + 1), hence the different denominator.
+    `weighted`: apply the objective's training weight (Min-SNR, ...); validation measures the plain loss.
     """
-    snr = model.snr(timesteps).float()
-    clipped = torch.clamp(snr, max=gamma)
-    denominator = snr + 1.0 if model.prediction_type == "v_prediction" else snr
-    return clipped / denominator
+    noisy = objective.noisy(latents, noise, t)
+    prediction = model.predict(noisy, t, cond).float()
+    target = objective.target(latents, noise, t).float()
+    loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    return loss * objective.weight(t) if weighted else loss
 
 
-def draw_noise_and_timesteps(
-    latents: torch.Tensor, generator: torch.Generator, num_train_timesteps: int, noise_offset: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian noise (with optional offset noise) and uniform timesteps from an explicit CPU generator,
-    so the draw is identical on every device and on resume."""
+def draw_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise (with optional offset noise: a per-channel constant, so the model learns to shift
+    the mean brightness) from an explicit CPU generator: identical on every device and on resume."""
     shape = latents.shape
     noise = torch.randn(shape, generator=generator)
     if noise_offset > 0:
         noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
-    timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator)
-    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+    return noise.to(latents.device, latents.dtype)
+
+
+def batch_loss(model: DiffusionModel, objective: Objective, batch: Batch, generator: torch.Generator, *,
+               device: torch.device, autocast, noise_offset: float = 0.0, text_grad: bool = False) -> torch.Tensor:
+    """Mean training loss of a batch: latents, text and conditioning, then noise and timesteps drawn
+    from `generator` in a fixed order (latent sample, noise, offset, timesteps)."""
+    latents = model.encode_images(batch.pixels.to(device), generator)
+    with autocast():
+        with torch.set_grad_enabled(text_grad):
+            text = model.encode_text(batch.captions)
+        cond = model.condition(text, batch)
+        noise = draw_noise(latents, generator, noise_offset)
+        t = objective.sample_t(latents.shape[0], generator).to(latents.device)
+        return per_sample_loss(model, objective, latents, cond, noise, t).mean()
 
 
 def step_generator(seed: int, step: int, micro_batch: int) -> torch.Generator:

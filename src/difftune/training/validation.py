@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from difftune.data.batch import Batch, Sample, collate
 from difftune.data.records import ImageRecord
-from difftune.data.transforms import load_image
+from difftune.data.transforms import load_cropped
 from difftune.models.base import DiffusionModel
+from difftune.models.objectives import Objective
 from difftune.training.step import per_sample_loss
 
 
@@ -32,15 +34,8 @@ class ProbeResult:
     """Timestep bucket of each item (0 = least noise), for per-bucket normalisation."""
 
 
-def stratified_timesteps(num_items: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """One timestep per item from evenly spaced quantiles of [0, T), assigned in a seeded order."""
-    order = torch.randperm(num_items, generator=generator)
-    centers = ((order.double() + 0.5) * num_train_timesteps / num_items).floor().long()
-    return centers.clamp_(0, num_train_timesteps - 1)
-
-
 class FixedProbe:
-    """A fixed set of probe items over some images; `evaluate(model)` gives the deterministic loss."""
+    """A fixed set of probe items over some images; `evaluate(model, objective)` gives the deterministic loss."""
 
     def __init__(
         self,
@@ -60,6 +55,7 @@ class FixedProbe:
         self.batch_size = batch_size
         self.num_buckets = num_buckets
         self._latents: torch.Tensor | None = None
+        self._meta: Batch | None = None
         self._noise: torch.Tensor | None = None
         self._timesteps: torch.Tensor | None = None
 
@@ -71,47 +67,51 @@ class FixedProbe:
     def captions(self) -> list[str]:
         return [r.caption for r in self.records for _ in range(self.draws)]
 
-    def _prepare(self, model: DiffusionModel) -> None:
-        """Encode images once (VAE mean, no augmentation) and draw the fixed noise and timesteps."""
+    def _prepare(self, model: DiffusionModel, objective: Objective) -> None:
+        """Encode images once (VAE mean, center crop, no augmentation) and draw the fixed noise and timesteps."""
         if self._latents is not None:
             return
-        latents = []
+        latents, samples = [], []
         for start in range(0, len(self.records), self.batch_size):
             chunk = self.records[start : start + self.batch_size]
-            pixels = torch.stack([load_image(r.path, self.resolution) for r in chunk])
-            latents.append(model.encode_images(pixels).cpu())
+            loaded = [load_cropped(r.path, self.resolution) for r in chunk]
+            latents.append(model.encode_images(torch.stack([pixels for pixels, _, _ in loaded])).cpu())
+            size = (self.resolution, self.resolution)
+            samples += [Sample(torch.empty(0), r.caption, original, crop, size)
+                        for r, (_, original, crop) in zip(chunk, loaded, strict=True) for _ in range(self.draws)]
         per_image = torch.cat(latents)
         self._latents = per_image.repeat_interleave(self.draws, dim=0)
+        self._meta = collate(samples)
+        self._meta.pixels = None  # the probe keeps latents; the metadata is what conditioning reads
         generator = torch.Generator().manual_seed(self.seed)
         self._noise = torch.randn(self._latents.shape, generator=generator)
-        self._timesteps = stratified_timesteps(self.num_items, model.num_train_timesteps, generator)
+        self._timesteps = objective.probe_t(self.num_items, generator)
 
     @torch.no_grad()
-    def evaluate(self, model: DiffusionModel, autocast=None) -> ProbeResult:
+    def evaluate(self, model: DiffusionModel, objective: Objective, autocast=None) -> ProbeResult:
         """Loss of every probe item under the current weights (modules put in eval mode, then restored)."""
-        self._prepare(model)
-        modules = [model.unet, *model.text_encoders]
+        self._prepare(model, objective)
+        modules = [module for role, module in model.parts.items() if role != "vae"]
         was_training = [m.training for m in modules]
         for m in modules:
             m.eval()
         device = model.device
-        captions = self.captions
         losses = []
         try:
             for start in range(0, self.num_items, self.batch_size):
                 end = min(start + self.batch_size, self.num_items)
                 latents = self._latents[start:end].to(device)
+                meta = self._meta.slice(start, end)
                 with autocast() if autocast else nullcontext():
-                    conditioning = model.encode_prompts(captions[start:end])
-                    loss = per_sample_loss(
-                        model, latents, conditioning, self._noise[start:end].to(device), self._timesteps[start:end].to(device)
-                    )
+                    cond = model.condition(model.encode_text(meta.captions), meta)
+                    loss = per_sample_loss(model, objective, latents, cond, self._noise[start:end].to(device),
+                                           self._timesteps[start:end].to(device), weighted=False)
                 losses.append(loss.double().cpu())
         finally:
             for m, training in zip(modules, was_training, strict=True):
                 m.train(training)
         item_losses = torch.cat(losses).numpy()
         timesteps = self._timesteps.numpy()
-        buckets = np.minimum(timesteps * self.num_buckets // model.num_train_timesteps, self.num_buckets - 1)
+        levels = objective.level(self._timesteps).numpy()
+        buckets = np.minimum((levels * self.num_buckets).astype(np.int64), self.num_buckets - 1)
         return ProbeResult(float(item_losses.mean()), item_losses, timesteps, buckets)
-

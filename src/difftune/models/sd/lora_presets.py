@@ -35,7 +35,7 @@ def _preset(unet_modules, unet_names, te_modules, te_names=(), *, conv=False, fn
     }
 
 
-PRESETS: dict[str, dict[str, Any]] = {
+UNET_CLIP_PRESETS: dict[str, dict[str, Any]] = {
     "attn-only": _preset(ATTENTION, [], TE_ATTENTION),
     "attn-mlp": _preset(TRANSFORMER, [], TE_ATTENTION + TE_MLP),
     "full-lin": _preset(TRANSFORMER + CONV_BLOCKS, TIME_EMBEDDING, TE_ATTENTION + TE_MLP),

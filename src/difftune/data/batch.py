@@ -1,0 +1,72 @@
+"""The typed batch every family's conditioning and the training step read.
+
+Besides pixels and captions it carries what the image was before it became a training crop: SDXL's
+micro-conditioning (`add_time_ids`) is built from the original size, the crop's top-left corner and
+the target size, and later features (masks, per-sample loss weights, regularization images) travel
+in the same object instead of new positional arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+Size = tuple[int, int]
+"""(height, width) in pixels, the order diffusers' SDXL conditioning uses."""
+
+
+@dataclass
+class Sample:
+    """One training or probe image after loading and augmentation."""
+
+    pixels: torch.Tensor
+    """(3, H, W) in [-1, 1]."""
+    caption: str
+    original_size: Size
+    """The image's size before resizing (after its EXIF rotation)."""
+    crop_top_left: Size
+    """(top, left) of the crop in the resized image; mirrored when the sample is flipped."""
+    target_size: Size
+    """The crop's size: what the model is trained to produce."""
+    is_reg: bool = False
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor | None
+    """(B, 3, H, W) in [-1, 1]; None where only the metadata travels (the validation probe keeps latents)."""
+    captions: list[str]
+    original_sizes: list[Size]
+    crop_top_lefts: list[Size]
+    target_sizes: list[Size]
+    masks: torch.Tensor | None = None
+    """(B, 1, H, W) loss weights in [0, 1] at pixel resolution, or None (data issue: masked training)."""
+    loss_weights: torch.Tensor | None = None
+    """(B,) per-sample weights (e.g. prior-preservation), or None."""
+    is_reg: list[bool] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def slice(self, start: int, end: int) -> Batch:
+        """Items start..end (the validation probe evaluates its fixed items in chunks)."""
+        return Batch(
+            pixels=None if self.pixels is None else self.pixels[start:end], captions=self.captions[start:end],
+            original_sizes=self.original_sizes[start:end], crop_top_lefts=self.crop_top_lefts[start:end],
+            target_sizes=self.target_sizes[start:end],
+            masks=None if self.masks is None else self.masks[start:end],
+            loss_weights=None if self.loss_weights is None else self.loss_weights[start:end],
+            is_reg=self.is_reg[start:end],
+        )
+
+
+def collate(samples: list[Sample]) -> Batch:
+    return Batch(
+        pixels=torch.stack([s.pixels for s in samples]),
+        captions=[s.caption for s in samples],
+        original_sizes=[s.original_size for s in samples],
+        crop_top_lefts=[s.crop_top_left for s in samples],
+        target_sizes=[s.target_size for s in samples],
+        is_reg=[s.is_reg for s in samples],
+    )

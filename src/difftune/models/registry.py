@@ -1,0 +1,177 @@
+"""The model families difftune knows: one folder each under `models/`, one line each here.
+
+A family says what it can load (built-in names, diffusers pipeline classes, single-file layouts) and
+builds the adapter the trainer talks to (`models/base.py`). `load_model` and `weightless_model`
+dispatch on the source; nothing else in difftune names a family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+from difftune.errors import ModelLoadError, SingleFileError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one model family registers. Loading functions are imported lazily (`module:function`),
+    so `difftune --help` and config checks do not import torch or diffusers."""
+
+    name: str
+    variants: tuple[str, ...]
+    """Values of `model.family` that select this family for a single file (e.g. sd1, sd2, sd2-v)."""
+    builtins: tuple[str, ...]
+    """Built-in tiny model names (`model.path`)."""
+    pipelines: frozenset[str]
+    """diffusers `model_index.json` `_class_name`s this family loads from a folder."""
+    module: str
+    """Package with `load(config)`, `weightless(config)` and `detect_single_file(keys, path)`."""
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    """Roles of its text encoders, in order."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Related pipeline classes recognised and refused: class name → why."""
+
+    def api(self, name: str) -> Callable[..., Any]:
+        return getattr(import_module(self.module), name)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+register(Family(
+    name="sd", variants=("sd1", "sd2", "sd2-v"), builtins=("tiny-sd", "tiny-sd-v"), module="difftune.models.sd",
+    pipelines=frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}),
+))
+register(Family(
+    name="sdxl", variants=("sdxl", "sdxl-v"), builtins=("tiny-sdxl",), module="difftune.models.sdxl",
+    pipelines=frozenset({"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                         "StableDiffusionXLInpaintPipeline"}),
+    text_encoders=("text_encoder", "text_encoder_2"),
+    refused={"StableDiffusionXLRefinerPipeline": "the SDXL refiner only denoises the last steps of a base model's "
+             "image; train the SDXL base model (or a model made from it) instead"},
+))
+
+NOT_YET = {
+    "StableDiffusion3Pipeline": "SD3/3.5", "FluxPipeline": "Flux.1", "PixArtSigmaPipeline": "PixArt",
+    "StableCascadePriorPipeline": "Stable Cascade", "AuraFlowPipeline": "AuraFlow", "HunyuanDiTPipeline": "HunyuanDiT",
+}
+"""Pipelines people may point difftune at that it does not train yet (a clear refusal, not a traceback)."""
+
+
+def builtin_names() -> list[str]:
+    return [name for f in FAMILIES.values() for name in f.builtins]
+
+
+def variant_names() -> list[str]:
+    return [v for f in FAMILIES.values() for v in f.variants]
+
+
+def family_of_variant(variant: str) -> Family:
+    return next(f for f in FAMILIES.values() if variant in f.variants)
+
+
+def family_for(config) -> Family:
+    """The family that loads `config.path` (a ModelConfig); ModelLoadError when none does."""
+    source = config.path
+    for family in FAMILIES.values():
+        if source in family.builtins:
+            return family
+    if config.family != "auto":
+        return family_of_variant(config.family)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _family_of_folder(path)
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return _family_of_file(path)
+    raise ModelLoadError(
+        f"model.path = {source!r}: not found or not loadable. Expected a built-in name "
+        f"({', '.join(builtin_names())}), a diffusers folder containing model_index.json, or a single "
+        f"checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)})"
+    )
+
+
+def _family_of_folder(path: Path) -> Family:
+    import json
+
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"model.path = '{path}': folder has no model_index.json (is it a diffusers model folder?)")
+    try:
+        pipeline = json.loads(index_file.read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{index_file}: unreadable ({e})") from None
+    for family in FAMILIES.values():
+        if pipeline in family.pipelines:
+            return family
+        if pipeline in family.refused:
+            raise ModelLoadError(f"{index_file}: {pipeline} is not supported: {family.refused[pipeline]}")
+    supported = ", ".join(sorted(p for f in FAMILIES.values() for p in f.pipelines))
+    what = f"{NOT_YET[pipeline]} is not supported yet" if pipeline in NOT_YET else f"pipeline {pipeline!r} is not supported"
+    raise ModelLoadError(f"{index_file}: {what}; difftune loads: {supported}")
+
+
+def _family_of_file(path: Path) -> Family:
+    """Ask each family whether the file's keys are its layout (the first that says yes wins)."""
+    keys = single_file_keys(path)
+    for family in FAMILIES.values():
+        if family.api("detect_single_file")(keys, path) is not None:
+            return family
+    raise SingleFileError(f"model.path = '{path}': {describe_unknown_file(keys)}")
+
+
+def single_file_keys(path: Path) -> list[str]:
+    """Tensor names of a single file, read from the header only for .safetensors (no weights loaded)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise SingleFileError(f"model.path = '{path}': not a readable .safetensors file ({e}); was it fully "
+                                  "downloaded?") from None
+    from difftune.models.single_file_io import read_checkpoint
+
+    return list(read_checkpoint(path))
+
+
+OTHER_ARCHITECTURES = {
+    "text_encoders.clip_g.": "an SD3/3.5 checkpoint", "joint_blocks.": "an SD3/3.5 checkpoint",
+    "double_blocks.": "a Flux checkpoint", "model.diffusion_model.double_blocks.": "a Flux checkpoint",
+}
+
+
+def describe_unknown_file(keys: list[str]) -> str:
+    """Why no family took a single file: a known other architecture, a LoRA, or something else."""
+    for fragment, what in OTHER_ARCHITECTURES.items():
+        if any(fragment in k for k in keys[:4000]):
+            return f"this is {what}, which difftune does not train yet"
+    if keys and all(k.startswith(("lora_", "unet.", "text_encoder", "transformer.")) for k in keys[:200]):
+        return "this looks like a LoRA file; a LoRA goes in network.init_from (or `difftune sample --lora`)"
+    return ("not a checkpoint of a family difftune knows (no SD 1.x/2.x or SDXL UNet keys such as "
+            "'model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight'); a diffusers model "
+            "is a folder with model_index.json")
+
+
+def trained_roles(config) -> list[str]:
+    """Roles a config trains (a Config): the denoiser and the text encoders train.train_text_encoder
+    selects among those the model's family has (read from the registry, no model loaded)."""
+    from difftune.optim.scaling import trains_text_encoder
+
+    try:
+        encoders = family_for(config.model).text_encoders
+    except ModelLoadError:
+        encoders = ("text_encoder",)  # doctor reports the model problem itself
+    roles = ["denoiser"] if config.train.train_unet else []
+    return roles + [role for role in encoders if trains_text_encoder(config.train, role)]

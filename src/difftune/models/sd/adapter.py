@@ -1,0 +1,149 @@
+"""Stable Diffusion 1.x / 2.x adapter (epsilon and v-prediction) over diffusers components."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from difftune.data.batch import Batch
+from difftune.models.base import count_parameters
+from difftune.models.objectives import DDPMObjective
+from difftune.models.sd.lora_presets import UNET_CLIP_PRESETS
+from difftune.samplers import scheduler_class
+
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v"}
+"""kohya's ss_base_model_version (A1111 reads it to group LoRAs by base)."""
+MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v"}
+
+
+def encode_clip(text_encoder, tokenizer, captions: list[str], layer: int | None = None,
+                final_norm: bool = True) -> tuple[torch.Tensor, Any]:
+    """Token hidden states of a CLIP text encoder (padded to its max length) and its raw output.
+
+    `layer`: take `hidden_states[layer]` instead of the last layer's output (kohya's clip_skip, SDXL's
+    penultimate layer); `final_norm` applies the final layer norm to it as SD 1.x expects.
+    """
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    if layer is None:
+        out = text_encoder(ids)
+        return out[0], out
+    out = text_encoder(ids, output_hidden_states=True)
+    hidden = out.hidden_states[layer]
+    if final_norm:
+        # transformers 5 dropped the `text_model` wrapper; older versions have it.
+        hidden = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+    return hidden, out
+
+
+@dataclass
+class StableDiffusionModel:
+    """SD1.x/2.x: one CLIP text encoder, a cross-attention UNet, a KL VAE."""
+
+    family: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+    clip_skip: int = 1
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    text_encoder_roles = ("text_encoder",)
+    kohya_prefixes = {"denoiser": "lora_unet", "text_encoder": "lora_te"}
+    diffusers_prefixes = {"denoiser": "unet", "text_encoder": "text_encoder"}
+    lora_presets = UNET_CLIP_PRESETS
+
+    @property
+    def parts(self) -> dict[str, torch.nn.Module]:
+        return {"denoiser": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def make_objective(self, min_snr_gamma: float | None = None) -> DDPMObjective:
+        return DDPMObjective(self.noise_scheduler, min_snr_gamma)
+
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        # kohya's clip_skip: an earlier layer, then the final layer norm as SD expects.
+        layer = -self.clip_skip if self.clip_skip > 1 else None
+        hidden, _ = encode_clip(self.text_encoder, self.tokenizer, captions, layer)
+        return {"encoder_hidden_states": hidden}
+
+    def condition(self, text: dict[str, torch.Tensor], batch: Batch) -> dict[str, Any]:
+        return text  # SD 1.x/2.x condition on the text alone
+
+    def text_token_counts(self, captions: list[str]) -> tuple[list[int], int]:
+        ids = self.tokenizer(captions, truncation=False, padding=False).input_ids
+        return [len(i) for i in ids], self.tokenizer.model_max_length
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents of pixels in [-1, 1]. Without a generator the distribution's mean is used (deterministic)."""
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        latents = dist.mean if generator is None else dist.sample(generator=generator)
+        return latents.float() * self.vae.config.scaling_factor
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        return self.unet(noisy, t, **cond).sample
+
+    def pipeline(self, sampler: str = "euler") -> StableDiffusionPipeline:
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=scheduler_class(sampler).from_config(self.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Extra arguments of the pipeline's call (diffusers counts clip_skip from 0, kohya from 1)."""
+        return {"clip_skip": self.clip_skip - 1 or None}
+
+    def save_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> None:
+        pipe = self.pipeline("euler")
+        pipe.scheduler = self.noise_scheduler
+        if dtype != torch.float32:
+            pipe = copy.deepcopy(pipe).to(dtype=dtype)  # convert copies, never the live training modules
+        pipe.save_pretrained(str(path), safe_serialization=True)
+
+    def save_single_file(self, path: Path, dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> None:
+        from difftune.models.sd.ldm_export import save_single_file
+
+        save_single_file(path, self.unet, self.vae, self.text_encoder, dtype=dtype, metadata=metadata)
+
+    def lora_metadata(self) -> dict[str, str]:
+        return {
+            "ss_base_model_version": BASE_MODEL_VERSIONS.get(self.family, self.family),
+            "ss_v2": str(self.family.startswith("sd2")),
+            "modelspec.architecture": MODELSPEC_ARCHITECTURES.get(self.family, f"difftune-{self.family}") + "/lora",
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "prediction_type": self.prediction_type,
+            "source": self.source,
+            **{f"{role}_parameters": count_parameters(module) for role, module in self.parts.items()},
+            "vae_scale_factor": self.vae_scale_factor,
+        }

@@ -58,8 +58,6 @@ register(Family(
     pipelines=frozenset({"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                          "StableDiffusionXLInpaintPipeline"}),
     text_encoders=("text_encoder", "text_encoder_2"),
-    refused={"StableDiffusionXLRefinerPipeline": "the SDXL refiner only denoises the last steps of a base model's "
-             "image; train the SDXL base model (or a model made from it) instead"},
 ))
 
 NOT_YET = {

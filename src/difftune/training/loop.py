@@ -101,6 +101,7 @@ class Trainer:
         self.stable_probe = self._probe(self.plan.stable_train_records)
         self.state = TrainerState()
         self.fault_hook = env_fault_hook()
+        self.notes += getattr(self.model, "notes", [])
         self.notes += caption_notes(self.model, self.plan.train_records + self.plan.val_records)
         if resuming:
             self._resume()

@@ -1,4 +1,5 @@
-"""Write a Stable Diffusion 1.x/2.x model as one .safetensors in the original (LDM) layout.
+"""Write a Stable Diffusion 1.x/2.x (and, with SDXL's text-encoder prefixes, SDXL) model as one
+.safetensors in the original (LDM/SGM) layout.
 
 That layout is what A1111/Forge and ComfyUI load as a "checkpoint". diffusers reads it
 (`from_single_file`) but has no writer, so the key mapping is written here, derived from the model's
@@ -27,8 +28,9 @@ _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def unet_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """UNet2DConditionModel state dict → `model.diffusion_model.*` keys."""
+def unet_key_renamer(unet: torch.nn.Module):
+    """A function from a diffusers UNet key (`down_blocks.1.attentions.0.proj_in.weight`) to its LDM/SGM
+    key without the `model.diffusion_model.` prefix (`input_blocks.4.1.proj_in.weight`)."""
     config = unet.config
     per_block = config.layers_per_block
     renames: list[tuple[str, str]] = [
@@ -36,6 +38,8 @@ def unet_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
         ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
         ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
         ("mid_block.resnets.1.", "middle_block.2."),
+        # SDXL's added (pooled text + size) embedding
+        ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),
     ]
     for i in range(len(config.block_out_channels)):
         for j in range(per_block):
@@ -50,13 +54,20 @@ def unet_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
         has_attention = config.up_block_types[i].startswith("CrossAttn")
         upsampler_slot = (i + 1) * (per_block + 1) - 1
         renames.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{upsampler_slot}.{2 if has_attention else 1}."))
-    out = {}
-    for key, value in unet.state_dict().items():
+
+    def rename(key: str) -> str:
         new = _rename_prefix(key, renames)
         if ".resnets." in key or key.startswith("mid_block.resnets"):
             new = _rename_inner(new, _RESNET)
-        out[UNET + new] = value
-    return out
+        return new
+
+    return rename
+
+
+def unet_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """UNet2DConditionModel state dict → `model.diffusion_model.*` keys."""
+    rename = unet_key_renamer(unet)
+    return {UNET + rename(key): value for key, value in unet.state_dict().items()}
 
 
 def vae_to_ldm(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -87,33 +98,36 @@ def vae_to_ldm(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def clip_to_ldm(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """SD 1.x CLIP text encoder → `cond_stage_model.transformer.text_model.*` keys."""
+def clip_to_ldm(text_encoder: torch.nn.Module, prefix: str = CLIP) -> dict[str, torch.Tensor]:
+    """CLIP (OpenAI) text encoder → `<prefix>*` keys (SD 1.x: `cond_stage_model.transformer.text_model.`)."""
     out = {}
     for key, value in text_encoder.state_dict().items():
         key = key.removeprefix("text_model.")  # transformers < 5.6 wraps the modules in `text_model`
-        out[CLIP + key] = value
+        out[prefix + key] = value
     return out
 
 
-def open_clip_to_ldm(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """SD 2.x OpenCLIP text encoder → `cond_stage_model.model.*` keys (q/k/v fused into in_proj).
+def open_clip_to_ldm(text_encoder: torch.nn.Module, prefix: str = OPEN_CLIP) -> dict[str, torch.Tensor]:
+    """OpenCLIP text encoder → `<prefix>*` keys (q/k/v fused into in_proj; SD 2.x: `cond_stage_model.model.`,
+    SDXL's second encoder: `conditioner.embedders.1.model.` with its `text_projection`).
 
     diffusers drops OpenCLIP's last layer (SD 2.x uses the penultimate one); the file carries the
     layers the model has, which is what diffusers and ComfyUI read back.
     """
     state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
     out = {
-        OPEN_CLIP + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
-        OPEN_CLIP + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
-        OPEN_CLIP + "ln_final.weight": state.pop("final_layer_norm.weight"),
-        OPEN_CLIP + "ln_final.bias": state.pop("final_layer_norm.bias"),
+        prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+        prefix + "ln_final.bias": state.pop("final_layer_norm.bias"),
     }
+    if "text_projection.weight" in state:  # OpenCLIP multiplies x @ proj; a Linear stores proj transposed
+        out[prefix + "text_projection"] = state.pop("text_projection.weight").T.contiguous()
     state.pop("embeddings.position_ids", None)
     inner = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
              "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
     for layer in range(text_encoder.config.num_hidden_layers):
-        src, dst = f"encoder.layers.{layer}.", f"{OPEN_CLIP}transformer.resblocks.{layer}."
+        src, dst = f"encoder.layers.{layer}.", f"{prefix}transformer.resblocks.{layer}."
         for kind in ("weight", "bias"):
             out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
                 [state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
@@ -147,7 +161,11 @@ def save_single_file(
     text_layout: str = "auto",
 ) -> None:
     """Atomically write the model as one safetensors file (fp16 is what these files are usually shared in)."""
-    tensors = model_to_ldm(unet, vae, text_encoder, text_layout)
+    write_ldm_file(path, model_to_ldm(unet, vae, text_encoder, text_layout), dtype, metadata)
+
+
+def write_ldm_file(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                   metadata: dict[str, str] | None = None) -> None:
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items() if v.is_floating_point()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     with atomic_path(Path(path)) as tmp:

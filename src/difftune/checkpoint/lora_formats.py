@@ -30,11 +30,12 @@ from safetensors.torch import save, save_file
 
 from difftune.checkpoint.atomic import atomic_path
 from difftune.errors import LoraFormatError  # noqa: F401  (re-exported for callers)
+from difftune.models.registry import family_of_lora_keys, lora_key_prefixes
 
-UNET_PREFIX = "lora_unet_"
-TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
-KOHYA_PREFIXES = (UNET_PREFIX, *TE_PREFIXES)
-DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+KOHYA_PREFIXES = lora_key_prefixes("kohya")
+"""Every registered family's kohya-layout key prefixes (lora_unet_, lora_te_, ...)."""
+TE_PREFIXES = tuple(p for p in KOHYA_PREFIXES if p.startswith("lora_te"))
+DIFFUSERS_PREFIXES = lora_key_prefixes("diffusers")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_PAIR = ("lora_down.weight", "lora_up.weight")
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -134,23 +135,15 @@ def normalise_kohya_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-SDXL_MARKS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
-              "lora_unet_middle_block_")
-
-
-def guess_family(keys: Iterable[str]) -> str:
-    """"sdxl" or "sd" from a LoRA file's keys: SDXL files have two text encoders, SGM UNet names or
-    transformer blocks deeper than one (SD 1.x/2.x UNets have one per attention)."""
-    for key in keys:
-        if key.startswith(SDXL_MARKS) or "transformer_blocks_1_" in key or "transformer_blocks.1." in key:
-            return "sdxl"
-    return "sd"
-
-
 def split_key(key: str) -> tuple[str, str]:
     """`lora_unet_x_y.lora_down.weight` → (`lora_unet_x_y`, `lora_down.weight`)."""
     module, _, tensor = key.partition(".")
     return module, tensor
+
+
+def guess_family(keys: Iterable[str]) -> str:
+    """The family a LoRA file is for, from its keys (models/registry.py: each family's marks)."""
+    return family_of_lora_keys(keys)
 
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -164,8 +157,8 @@ def detect_layout(keys: Iterable[str], source: str = "file") -> str:
         return "diffusers"
     odd = next(k for k in keys if not k.startswith(KOHYA_PREFIXES + DIFFUSERS_PREFIXES))
     raise LoraFormatError(
-        f"{source}: not a Stable Diffusion / SDXL LoRA in kohya (lora_unet_/lora_te_/lora_te1_/lora_te2_) or "
-        f"diffusers (unet./text_encoder./text_encoder_2.) layout; first unexpected key: {odd!r}"
+        f"{source}: not a LoRA in the kohya ({'/'.join(KOHYA_PREFIXES)}) or diffusers ({'/'.join(DIFFUSERS_PREFIXES)}) "
+        f"layout; first unexpected key: {odd!r}"
     )
 
 
@@ -233,7 +226,7 @@ def _as_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
     unet = {k: v for k, v in tensors.items() if k.startswith("unet.")}
-    text = {k: v for k, v in tensors.items() if k.startswith(("text_encoder.", "text_encoder_2."))}
+    text = {k: v for k, v in tensors.items() if k.startswith(DIFFUSERS_PREFIXES) and not k.startswith("unet.")}
     try:
         converted = convert_unet_state_dict_to_peft(unet) if unet else {}
         if text:

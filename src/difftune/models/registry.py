@@ -34,8 +34,12 @@ class Family:
     """Package with `load(config)`, `weightless(config)` and `detect_single_file(keys, path)`."""
     text_encoders: tuple[str, ...] = ("text_encoder",)
     """Roles of its text encoders, in order."""
-    refused: dict[str, str] = field(default_factory=dict)
-    """Related pipeline classes recognised and refused: class name → why."""
+    kohya_prefixes: dict[str, str] = field(default_factory=dict)
+    """Role → the prefix of its layers in kohya-layout LoRA files."""
+    diffusers_prefixes: dict[str, str] = field(default_factory=dict)
+    """Role → the prefix of its layers in diffusers/PEFT-layout LoRA files."""
+    lora_marks: tuple[str, ...] = ()
+    """Key fragments that only this family's LoRA files have (to pick layer names for `difftune convert`)."""
 
     def api(self, name: str) -> Callable[..., Any]:
         return getattr(import_module(self.module), name)
@@ -52,12 +56,19 @@ def register(family: Family) -> Family:
 register(Family(
     name="sd", variants=("sd1", "sd2", "sd2-v"), builtins=("tiny-sd", "tiny-sd-v"), module="difftune.models.sd",
     pipelines=frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}),
+    kohya_prefixes={"denoiser": "lora_unet", "text_encoder": "lora_te"},
+    diffusers_prefixes={"denoiser": "unet", "text_encoder": "text_encoder"},
 ))
 register(Family(
     name="sdxl", variants=("sdxl", "sdxl-v"), builtins=("tiny-sdxl",), module="difftune.models.sdxl",
     pipelines=frozenset({"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                          "StableDiffusionXLInpaintPipeline"}),
     text_encoders=("text_encoder", "text_encoder_2"),
+    kohya_prefixes={"denoiser": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    diffusers_prefixes={"denoiser": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"},
+    # two text encoders, SGM UNet names, or attention blocks deeper than one transformer block
+    lora_marks=("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
+                "lora_unet_middle_block_", "transformer_blocks_1_", "transformer_blocks.1."),
 ))
 
 NOT_YET = {
@@ -65,6 +76,24 @@ NOT_YET = {
     "StableCascadePriorPipeline": "Stable Cascade", "AuraFlowPipeline": "AuraFlow", "HunyuanDiTPipeline": "HunyuanDiT",
 }
 """Pipelines people may point difftune at that it does not train yet (a clear refusal, not a traceback)."""
+
+
+def lora_key_prefixes(layout: str) -> tuple[str, ...]:
+    """Every family's LoRA key prefixes in `layout` ("kohya": `lora_unet_`, ...; "diffusers": `unet.`, ...)."""
+    found = []
+    for family in FAMILIES.values():
+        prefixes = family.kohya_prefixes if layout == "kohya" else family.diffusers_prefixes
+        found += [p + ("_" if layout == "kohya" else ".") for p in prefixes.values()]
+    return tuple(dict.fromkeys(found))
+
+
+def family_of_lora_keys(keys) -> str:
+    """The family whose LoRA files carry these keys (a family without marks is the fallback)."""
+    keys = list(keys)
+    for family in FAMILIES.values():
+        if family.lora_marks and any(mark in key for key in keys for mark in family.lora_marks):
+            return family.name
+    return next(f.name for f in FAMILIES.values() if not f.lora_marks)
 
 
 def builtin_names() -> list[str]:
@@ -112,8 +141,6 @@ def _family_of_folder(path: Path) -> Family:
     for family in FAMILIES.values():
         if pipeline in family.pipelines:
             return family
-        if pipeline in family.refused:
-            raise ModelLoadError(f"{index_file}: {pipeline} is not supported: {family.refused[pipeline]}")
     supported = ", ".join(sorted(p for f in FAMILIES.values() for p in f.pipelines))
     what = f"{NOT_YET[pipeline]} is not supported yet" if pipeline in NOT_YET else f"pipeline {pipeline!r} is not supported"
     raise ModelLoadError(f"{index_file}: {what}; difftune loads: {supported}")

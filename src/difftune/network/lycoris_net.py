@@ -29,8 +29,8 @@ import torch
 
 from difftune.checkpoint import lora_formats as formats
 from difftune.config import network_rules as rules
-from difftune.config.loading import ConfigError
 from difftune.config.schema import Config, NetworkConfig
+from difftune.errors import ConfigError
 from difftune.models.base import DENOISER, DiffusionModel
 from difftune.network.base import roles_to_train
 

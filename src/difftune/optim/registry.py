@@ -160,7 +160,7 @@ def build_optimizer(config: Config, param_groups: list[dict[str, Any]]) -> torch
     spec = get_spec(config.optimizer.name)
     lrs = {g["lr"] for g in param_groups if g["lr"]}
     if spec.equal_group_lr and len(lrs) > 1:
-        from difftune.config.loading import ConfigError
+        from difftune.errors import ConfigError
 
         raise ConfigError(
             f"optimizer {spec.name} needs the same lr in every parameter group, got "

@@ -57,7 +57,7 @@ def format_lr(value: float | None) -> str:
 def refuse_lr_free(config: Config, command: str) -> None:
     """An optimizer that ignores train.lr (adaptive Adafactor) would make a sweep over lr meaningless:
     the loss falls at every point because the optimizer sets its own step size."""
-    from difftune.config.loading import ConfigError
+    from difftune.errors import ConfigError
     from difftune.optim.optimizers import lr_ignored
 
     if lr_ignored(config):

@@ -108,7 +108,7 @@ def probe_sources(trainer, config: Config) -> dict[str, list]:
         wanted = ["train"]  # no held-out images: the training subset is the only probe there is
     chosen = {name: sources[name] for name in wanted if sources[name]}
     if not chosen:
-        from difftune.config.loading import ConfigError
+        from difftune.errors import ConfigError
 
         raise ConfigError(f"find_lr.probe = {settings.probe!r}: no images to probe with (no validation or training images)")
     return chosen
@@ -173,9 +173,7 @@ def run_sweep(
             try:
                 for _ in range(settings.steps_per_point):
                     group = next(groups)
-                    losses.append(trainer.optimizer_step(group))
-                    trainer.state.step += 1
-                    trainer.state.batch_in_epoch += len(group)
+                    losses.append(trainer.train_step(group))
                     steps_done += 1
             except TrainingDiverged:
                 losses.append(math.inf)

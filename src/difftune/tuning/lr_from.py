@@ -18,7 +18,7 @@ from difftune.config.schema import Config
 
 def apply_lr_from(config: Config, source: str) -> None:
     """Set train.lr (and train.lr_min for cyclic) from the file in train.lr_from; ConfigError if unusable."""
-    from difftune.config.loading import ConfigError
+    from difftune.errors import ConfigError
 
     path_text = config.train.lr_from
     if not path_text:
@@ -54,7 +54,7 @@ def apply_lr_from(config: Config, source: str) -> None:
 
 def _learning_rate(result: dict, name: str, key: str) -> float | None:
     """result[name] as a positive finite float, None when absent or null; ConfigError for anything else."""
-    from difftune.config.loading import ConfigError
+    from difftune.errors import ConfigError
 
     value = result.get(name)
     if value is None:

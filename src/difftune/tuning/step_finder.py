@@ -55,7 +55,7 @@ def find_steps(config: Config, lr: float | None = None, show_progress: bool = Tr
 
 def _find_steps(config: Config, lr: float | None, show_progress: bool, folder: str) -> dict[str, Any]:
     from difftune.checkpoint.atomic import atomic_write_json
-    from difftune.config.loading import ConfigError
+    from difftune.errors import ConfigError
     from difftune.reporting.metrics import read_metrics
     from difftune.training.loop import Trainer, TrainingDiverged
     from difftune.tuning.plots import plot_step_search

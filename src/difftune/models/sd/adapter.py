@@ -14,6 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from difftune.data.batch import Batch
 from difftune.models.base import count_parameters
 from difftune.models.objectives import DDPMObjective
+from difftune.models.registry import FAMILIES
 from difftune.models.sd.lora_presets import UNET_CLIP_PRESETS
 from difftune.samplers import scheduler_class
 
@@ -57,8 +58,8 @@ class StableDiffusionModel:
     extra: dict[str, Any] = field(default_factory=dict)
 
     text_encoder_roles = ("text_encoder",)
-    kohya_prefixes = {"denoiser": "lora_unet", "text_encoder": "lora_te"}
-    diffusers_prefixes = {"denoiser": "unet", "text_encoder": "text_encoder"}
+    kohya_prefixes = FAMILIES["sd"].kohya_prefixes  # declared once, in the registry line
+    diffusers_prefixes = FAMILIES["sd"].diffusers_prefixes
     lora_presets = UNET_CLIP_PRESETS
 
     @property

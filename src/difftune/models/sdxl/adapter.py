@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from difftune.data.batch import Batch
 from difftune.models.base import count_parameters
 from difftune.models.objectives import DDPMObjective
+from difftune.models.registry import FAMILIES
 from difftune.models.sd.adapter import encode_clip
 from difftune.models.sd.lora_presets import UNET_CLIP_PRESETS
 from difftune.samplers import scheduler_class
@@ -44,8 +45,8 @@ class StableDiffusionXLModel:
     extra: dict[str, Any] = field(default_factory=dict)
 
     text_encoder_roles = ("text_encoder", "text_encoder_2")
-    kohya_prefixes = {"denoiser": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-    diffusers_prefixes = {"denoiser": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+    kohya_prefixes = FAMILIES["sdxl"].kohya_prefixes  # declared once, in the registry line
+    diffusers_prefixes = FAMILIES["sdxl"].diffusers_prefixes
     lora_presets = UNET_CLIP_PRESETS
 
     @property

@@ -9,7 +9,6 @@ layers' shapes.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from difftune.config.schema import Config
@@ -26,7 +25,7 @@ def network_facts(config: Config, architecture=None) -> dict[str, Any] | None:
         return None
     settings = NetworkSettings.from_config(config.network)
     reads_weights = settings.dora or settings.type == "full"
-    probe = dataclasses.replace(settings, type="locon", dora=False, rank=settings.rank or 1,
+    probe = settings.replace(type="locon", dora=False, rank=settings.rank or 1,
                                 alpha=settings.alpha or 1.0, factor=None, block_size=None, constraint=None,
                                 rescaled=False) if reads_weights else settings
     network = LoraFamilyNetwork.build(architecture, probe, roles_to_train(architecture, config), attach=False,
@@ -61,7 +60,7 @@ def _weight_reading_shapes(network: LoraFamilyNetwork, settings: NetworkSettings
     # DoRA: one magnitude per output channel and layer, on top of the probe's own tensors. The probe is a
     # LoCon of the configured rank; LoHa/LoKr layouts differ, so count theirs on a weightless build.
     if settings.type not in ("lora", "locon"):
-        plain = dataclasses.replace(settings, dora=False)
+        plain = settings.replace(dora=False)
         other = LoraFamilyNetwork.build(network.model, plain, network.trained_roles(), attach=False,
                                         config=network.config)
         shapes, trainable = other.export_shapes(), sum(p.numel() for p in other.net.parameters())

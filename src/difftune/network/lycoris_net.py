@@ -21,11 +21,11 @@ import functools
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ConfigDict
 
 from difftune.checkpoint import lora_formats as formats
 from difftune.config import network_rules as rules
@@ -35,24 +35,14 @@ from difftune.models.base import DENOISER, DiffusionModel
 from difftune.network.base import roles_to_train
 
 
-@dataclass(frozen=True)
-class NetworkSettings:
-    """A network section with every default resolved; what the file metadata records."""
+class NetworkSettings(NetworkConfig):
+    """The `[network]` section with every default resolved: what the file metadata records.
 
-    type: str
-    preset: str
-    rank: int | None = None
-    alpha: float | None = None
-    conv_rank: int | None = None
-    conv_alpha: float | None = None
-    dropout: float = 0.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    dora: bool = False
-    factor: int | None = None
-    block_size: int | None = None
-    constraint: float | None = None
-    rescaled: bool = False
+    The same fields as NetworkConfig (declared once, there); built with `model_construct`, since the
+    section was validated when the config loaded, and immutable from then on.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore", protected_namespaces=())
 
     @classmethod
     def from_config(cls, network: NetworkConfig) -> NetworkSettings:
@@ -62,30 +52,29 @@ class NetworkSettings:
         alpha = (network.alpha or float(rank)) if "alpha" in uses else None
         preset = rules.resolved_preset(network.type, network.preset)
         conv = "conv_rank" in uses and preset == "full"
-        return cls(
-            type=network.type,
-            preset=preset,
-            rank=rank,
-            alpha=alpha,
-            conv_rank=(network.conv_rank or rank) if conv else None,
-            conv_alpha=(network.conv_alpha or alpha) if conv else None,
-            dropout=network.dropout,
-            rank_dropout=network.rank_dropout,
-            module_dropout=network.module_dropout,
-            dora=network.dora,
-            factor=(network.factor if network.factor is not None else -1) if "factor" in uses else None,
-            block_size=(network.block_size or rules.DEFAULT_BLOCK_SIZE[network.type]) if "block_size" in uses else None,
-            constraint=(network.constraint or 0.0) if "constraint" in uses else None,
-            rescaled=network.rescaled,
-        )
+        resolved = {
+            "preset": preset,
+            "rank": rank,
+            "alpha": alpha,
+            "conv_rank": (network.conv_rank or rank) if conv else None,
+            "conv_alpha": (network.conv_alpha or alpha) if conv else None,
+            "factor": (network.factor if network.factor is not None else -1) if "factor" in uses else None,
+            "block_size": (network.block_size or rules.DEFAULT_BLOCK_SIZE[network.type]) if "block_size" in uses else None,
+            "constraint": (network.constraint or 0.0) if "constraint" in uses else None,
+            "init_from": None,  # where training started is run history, not part of the network
+        }
+        return cls.model_construct(**{**network.model_dump(), **resolved})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NetworkSettings:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        defaults = {name: field.default for name, field in NetworkConfig.model_fields.items()}
+        return cls.model_construct(**{**defaults, **{k: v for k, v in data.items() if k in defaults}})
+
+    def replace(self, **changes) -> NetworkSettings:
+        return self.model_copy(update=changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "lycoris_algo": rules.ALGORITHMS[self.type].lycoris}
+        return {**self.model_dump(exclude={"init_from"}), "lycoris_algo": rules.ALGORITHMS[self.type].lycoris}
 
     @property
     def bypass(self) -> bool:

@@ -31,6 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from difftune.config.schema import FindLRConfig, FindStepsConfig
+
+# Defaults are the config's (config/schema.py), so a direct call reads a curve as `difftune find-lr` does.
+_FIND_LR = FindLRConfig.model_fields
+_FIND_STEPS = FindStepsConfig.model_fields
+
 # A change must exceed NOISE_SIGMAS noise levels, and at least MIN_DROP of the start, to count.
 NOISE_SIGMAS = 3.0
 MIN_DROP = 0.002
@@ -291,7 +297,7 @@ def rule_midpoint(f: CurveFeatures) -> float | None:
     return float(math.sqrt(f.lr_onset * f.lr_flat))
 
 
-EDGE_DIVISOR = 4.5
+EDGE_DIVISOR = _FIND_LR["edge_divisor"].default
 """`rule_default` trains this factor below the stability edge (find_lr.edge_divisor): of 3.5/4/4.5/5, the
 one whose check runs (real training at the recommended LR, 2 seeds) had the smallest worst regret on
 bench/lr_accuracy's problems; 3.5 scores better against the grid but diverged there (docs/tuning.md)."""
@@ -414,8 +420,8 @@ def analyze_lr_sweep(
     baseline: np.ndarray,
     buckets: np.ndarray,
     rule: str = "default",
-    sigma: float = 1.0,
-    bootstrap_samples: int = 200,
+    sigma: float = _FIND_LR["smoothing"].default,
+    bootstrap_samples: int = _FIND_LR["bootstrap_samples"].default,
     seed: int = 0,
     stopped_early: bool = False,
     edge_divisor: float = EDGE_DIVISOR,
@@ -492,7 +498,7 @@ def _bootstrap_band(lrs, losses, baseline, buckets, rule_fn: Rule, sigma, sample
     }
 
 
-def should_stop(scores: Sequence[float], stop_factor: float = 4.0) -> str | None:
+def should_stop(scores: Sequence[float], stop_factor: float = _FIND_LR["stop_factor"].default) -> str | None:
     """Early stop of a sweep: the reason, or None to go on.
 
     Stops on a non-finite loss, on a loss above `stop_factor` times the best so far (fastai and
@@ -531,7 +537,8 @@ class StepAnalysis:
         return dict(self.__dict__)
 
 
-def analyze_steps(steps: Sequence[int], losses: Sequence[float], margin: float = 0.01) -> StepAnalysis:
+def analyze_steps(steps: Sequence[int], losses: Sequence[float],
+                  margin: float = _FIND_STEPS["margin"].default) -> StepAnalysis:
     """Best step and the band of steps within a relative `margin` of the lowest validation loss."""
     pairs = [(int(s), float(v)) for s, v in zip(steps, losses, strict=True) if v is not None and math.isfinite(v)]
     if not pairs:
@@ -566,8 +573,9 @@ class EarlyStopping:
     A non-finite loss stops at once.
     """
 
-    def __init__(self, patience: int | None = 8, gl_alpha: float | None = None, min_delta: float = 0.0,
-                 gl_consecutive: int = 2):
+    def __init__(self, patience: int | None = _FIND_STEPS["patience"].default, gl_alpha: float | None = None,
+                 min_delta: float = _FIND_STEPS["min_delta"].default,
+                 gl_consecutive: int = _FIND_STEPS["gl_consecutive"].default):
         if patience is None and gl_alpha is None:
             raise ValueError("EarlyStopping needs patience or gl_alpha")
         if gl_consecutive < 1:

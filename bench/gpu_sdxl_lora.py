@@ -1,0 +1,125 @@
+"""GPU check (issue 13): SDXL LoRA rank 16 at 1024², bf16, batch 1, gradient checkpointing, through
+difftune's own Trainer — peak VRAM and samples/s. Random weights at full size (nothing is downloaded).
+
+On a GPU machine (≤ 5 minutes):
+
+    python bench/gpu_sdxl_lora.py                      # writes bench/results/gpu_sdxl_lora.json
+
+Without a GPU the same script runs on the tiny model, to check that it works before a GPU is at hand:
+
+    python bench/gpu_sdxl_lora.py --model tiny-sdxl --resolution 16 --steps 3 --no-results
+
+The model is built from the shipped SDXL configs with random weights directly on the device and handed
+to the Trainer (in place of loading a checkpoint); everything else is the training path users run:
+data loading, VAE encoding, both text encoders, the LyCORIS LoRA, AdamW, autocast, checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "gpu_sdxl_lora.json"
+
+
+def random_model(name: str, device: str):
+    """SDXL (or tiny-sdxl) with random weights, built on `device` (fast: no fp32 copy on the host)."""
+    from difftune.config.schema import ModelConfig
+    from difftune.models import load_model, weightless_model
+    from difftune.models.single_file_io import shipped_config_dir
+
+    if name == "tiny-sdxl":
+        return load_model(ModelConfig(path=name))
+    model = weightless_model(ModelConfig(path=str(shipped_config_dir("sdxl"))))
+    generator = torch.Generator(device=device).manual_seed(0)
+    for module in model.parts.values():
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for param_name, param in module.named_parameters():
+                if "norm" in param_name and param_name.endswith(".weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02, generator=generator)
+            for buffer in module.buffers():
+                if not buffer.is_floating_point():  # position ids
+                    buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand(buffer.shape))
+    from difftune.models.clip_tokenizers import byte_level_clip_tokenizer
+
+    # Token ids only need to be valid for the embedding: the byte-level tokenizer needs no vocabulary file.
+    model.tokenizer = model.tokenizer_2 = byte_level_clip_tokenizer()
+    return model
+
+
+def images(folder: Path, resolution: int, count: int = 8) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = (rng.random((resolution, resolution, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a photo of sks object number {i}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sdxl", choices=["sdxl", "tiny-sdxl"])
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps after 3 warm-up steps")
+    parser.add_argument("--work", default="bench/work/gpu_sdxl_lora")
+    parser.add_argument("--no-results", action="store_true", help="do not write bench/results (CPU dry run)")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    work = Path(args.work)
+    images(work / "data", args.resolution)
+
+    import difftune.training.loop as loop
+    from difftune.config.loading import validate_config
+
+    built = random_model(args.model, device)
+    loop.load_model = lambda _config: built  # the Trainer's one model-loading call
+    config = validate_config({
+        "model": {"path": "tiny-sdxl"},  # replaced above; names a loadable family for the config checks
+        "data": {"train_dir": str(work / "data"), "resolution": args.resolution, "val_split": 0.0},
+        "network": {"type": "lora", "rank": 16, "alpha": 16},
+        "train": {"batch_size": 1, "max_steps": args.steps + 3, "lr": 1e-4, "gradient_checkpointing": True,
+                  "mixed_precision": "bf16" if cuda else "no"},
+        "validation": {"every_n_epochs": 0},
+        "output": {"dir": str(work / "run"), "overwrite": True, "tensorboard": False, "save_state": False},
+    }, "bench/gpu_sdxl_lora.py")
+    trainer = loop.Trainer(config, show_progress=False)
+    groups = trainer.step_groups()
+    for _ in range(3):  # warm-up: allocator, kernels
+        trainer.train_step(next(groups))
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    losses = [trainer.train_step(next(groups)) for _ in range(args.steps)]
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    trainer.close()
+    result = {
+        "command": "python bench/gpu_sdxl_lora.py" + ("" if args.model == "sdxl" else f" --model {args.model}"),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "model": args.model, "resolution": args.resolution, "batch_size": 1, "rank": 16,
+        "precision": "bf16 autocast" if cuda else "fp32", "gradient_checkpointing": True,
+        "timed_steps": args.steps, "seconds": seconds, "samples_per_second": args.steps / seconds,
+        "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "final_loss": losses[-1], "lora_layers": len(trainer.network.loras),
+    }
+    print(json.dumps(result, indent=2))
+    if not args.no_results:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

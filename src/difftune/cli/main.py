@@ -341,10 +341,14 @@ def _add_lora_commands(sub) -> None:
     from difftune.config.schema import ModelConfig, SampleConfig
 
     sample_defaults = {name: field.default for name, field in SampleConfig.model_fields.items()}
-    model_source = "built-in name (tiny-sd, tiny-sd-v), diffusers folder or single .safetensors/.ckpt checkpoint"
+    from difftune.models.registry import builtin_names
+
+    model_source = (f"built-in name ({', '.join(builtin_names())}), diffusers folder or single .safetensors/.ckpt "
+                    "checkpoint")
 
     p = _sub(sub, "convert", "rewrite a LoRA file in the kohya (ComfyUI/A1111) or diffusers layout", _text(
-        "Rewrite a LoRA file in the other layout. kohya/LyCORIS layout (`lora_unet_...`, `lora_te_...` keys "
+        "Rewrite a LoRA file in the other layout. kohya/LyCORIS layout (`lora_unet_...`, `lora_te_...` / "
+        "`lora_te1_...`, `lora_te2_...` keys "
         "with alphas): what ComfyUI, A1111/Forge and kohya's scripts load. diffusers/PEFT layout "
         "(`unet.<module>.lora_A/lora_B`, no alphas): what pipeline.load_lora_weights loads; it holds plain "
         "LoRA pairs only. kohya -> diffusers folds alpha/rank into lora_B; diffusers -> kohya writes "
@@ -357,7 +361,7 @@ def _add_lora_commands(sub) -> None:
                    help="target layout: kohya or diffusers (required)")
     p.add_argument("--model", default=None, metavar="MODEL",
                    help=f"model whose module paths name the layers when writing the diffusers layout: {model_source} "
-                   "(default: the SD 1.x/2.x and tiny-sd architectures difftune ships)")
+                   "(default: the architectures difftune ships for the family the file's keys show)")
 
     p = _sub(sub, "merge", "bake a LoRA-family file into a model and save the full model", _text(
         "Load BASE, add LORA's update to its weights at --scale (any LoRA-family file: LoRA, LoCon, LoHa, "

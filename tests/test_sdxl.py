@@ -288,3 +288,29 @@ def test_find_lr_reads_a_curve_on_tiny_sdxl(digits_dir, tmp_path):
     result = find_lr(validate_config(data, "t"), show_progress=False)
     assert result["curve"] and Path(result["files"]["plot"]).is_file()
     assert result["lr"] is not None and 1e-5 <= result["lr"] <= 1e-1, result["verdict"]
+
+
+def test_a_v_prediction_sdxl_file_is_recognised_by_its_flag(tmp_path):
+    model = load_model(ModelConfig(path="tiny-sdxl", prediction_type="v_prediction"))
+    model.save_pretrained(tmp_path / "folder")  # the configs of this (tiny) architecture
+    model.save_single_file(tmp_path / "v.safetensors", dtype=torch.float32)
+    with safe_open(str(tmp_path / "v.safetensors"), "pt") as f:
+        assert "v_pred" in f.keys()  # the flag A1111 and ComfyUI read
+    back = load_model(ModelConfig(path=str(tmp_path / "v.safetensors"), config_dir=str(tmp_path / "folder")))
+    assert back.family == "sdxl-v" and back.prediction_type == "v_prediction"
+    assert load_model(ModelConfig(path=str(tmp_path / "folder"))).family == "sdxl-v"
+
+
+def test_real_sdxl_tokenizers_are_built_offline():
+    """SDXL's two CLIP BPE tokenizers from open_clip's vocabulary: ViT-L pads with its end token, bigG with "!"."""
+    from difftune.models import weightless_model
+    from difftune.models.sd.single_file import tokenizer_for
+    from difftune.models.single_file_io import shipped_config_dir
+
+    folder = shipped_config_dir("sdxl")
+    model = weightless_model(ModelConfig(path=str(folder)))
+    first, second = tokenizer_for(model.text_encoder, folder), tokenizer_for(model.text_encoder_2, folder, "tokenizer_2")
+    assert first.pad_token == "<|endoftext|>" and second.pad_token == "!"
+    ids = first(["a photo of a cat"]).input_ids[0]
+    assert ids[0] == 49406 and ids[-1] == 49407 and len(ids) == 7  # BOS a photo of a cat EOS
+    assert second(["a photo of a cat"]).input_ids == [ids]

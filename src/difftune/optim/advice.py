@@ -23,13 +23,13 @@ def describe_lr(config: Config, total_steps: int) -> str:
     """One line: effective LR(s) after scale_lr, and the schedule with its warmup and decay."""
     train = config.train
     lrs = effective_lrs(train)
-    unet_lr, te_lr = lrs["denoiser"], lrs["text_encoder"]
+    unet_lr = lrs["denoiser"]
+    encoders = _encoder_lrs(config)
     factor = lr_scale_factor(train)
     parts = [f"lr {unet_lr:.3g}"]
     if factor != 1.0:
         parts[0] += f" (= {train.lr:g} x {factor:.3g}, scale_lr {train.scale_lr} for batch {train.batch_size * train.grad_accum})"
-    if train.train_text_encoder and te_lr != unet_lr:
-        parts.append(f"text encoder lr {te_lr:.3g}")
+    parts += [f"{role.replace('_', ' ')} lr {lr:.3g}" for role, lr in encoders.items() if lr != unet_lr]
     if canonical_name(config.optimizer.name) and lr_ignored(config):
         parts.append("(Adafactor computes its own LR; lr is not used)")
     schedule = train.lr_scheduler
@@ -46,14 +46,14 @@ def lr_summary(config: Config, total_steps: int) -> dict[str, str]:
     """Extra lines for doctor's report."""
     train = config.train
     lrs = effective_lrs(train)
-    unet_lr, te_lr = lrs["denoiser"], lrs["text_encoder"]
+    unet_lr = lrs["denoiser"]
     lines = {
         "optimizer": config.optimizer.name,
         "effective lr": f"{unet_lr:.4g}" + (f" ({train.lr:g} x {lr_scale_factor(train):.4g}, scale_lr = "
                                             f"{train.scale_lr})" if train.scale_lr != "none" else ""),
     }
-    if train.train_text_encoder:
-        lines["text encoder lr"] = f"{te_lr:.4g}"
+    for role, lr in _encoder_lrs(config).items():
+        lines[f"{role.replace('_', ' ')} lr"] = f"{lr:.4g}"
     lines["lr schedule"] = describe_lr(config, total_steps).split("schedule ", 1)[-1]
     return lines
 
@@ -67,15 +67,17 @@ def optimizer_warnings(config: Config, total_steps: int, full_finetune: bool) ->
     spec = get_spec(name)
     warnings = []
     lrs = effective_lrs(train)
-    unet_lr, te_lr = lrs["denoiser"], lrs["text_encoder"]
+    unet_lr = lrs["denoiser"]
     if spec.lr_free:
         if train.lr != 1.0:
             warnings.append(
                 f"{name} with train.lr = {train.lr:g}: for LR-free optimizers lr multiplies the step size they "
                 "estimate and should stay 1.0; tune d_coef (prodigy) or leave it"
             )
-        if train.train_text_encoder and train.train_unet and te_lr not in (0.0, unet_lr):
-            warnings.append(f"{name} with unequal group LRs ({unet_lr:g} vs {te_lr:g}): one step size is adapted for all groups")
+        unequal = [lr for lr in _encoder_lrs(config).values() if lr not in (0.0, unet_lr)]
+        if train.train_unet and unequal:
+            warnings.append(f"{name} with unequal group LRs ({unet_lr:g} vs {unequal[0]:g}): one step size is adapted "
+                            "for all groups")
     if name == "sgdnesterov8bit":
         from difftune.optim.optimizers import NESTEROV_8BIT
 
@@ -134,3 +136,10 @@ def optimizer_warnings(config: Config, total_steps: int, full_finetune: bool) ->
             if value != default and key not in schedule.keys:
                 warnings.append(f"train.{key} = {value!r} has no effect with lr_scheduler = {train.lr_scheduler!r}")
     return warnings
+
+
+def _encoder_lrs(config) -> dict[str, float]:
+    """LR of each text encoder the config trains (after scale_lr)."""
+    from difftune.optim.preview import group_base_lrs
+
+    return {role: lr for role, lr in group_base_lrs(config).items() if role != "denoiser"}

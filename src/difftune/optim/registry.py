@@ -70,14 +70,17 @@ def _group_lr_problems(spec: OptimizerSpec, config: Config) -> list[str]:
     train = config.train
     if not (spec.equal_group_lr and train.train_unet and train.train_text_encoder):
         return []
-    te = train.text_encoder_lr
-    if te is None or te == train.lr or te == 0.0:
-        return []
-    return [
-        f"train.text_encoder_lr = {te!r}: {spec.name} adapts one step size for all parameter groups and needs "
-        f"the same lr in each (train.lr = {train.lr!r}); leave train.text_encoder_lr unset, set it equal to "
-        "train.lr, or set it to 0 to freeze the text encoder's updates"
-    ]
+    problems = []
+    for key in ("text_encoder_lr", "text_encoder_2_lr"):
+        te = getattr(train, key)
+        if te is None or te == train.lr or te == 0.0:
+            continue
+        problems.append(
+            f"train.{key} = {te!r}: {spec.name} adapts one step size for all parameter groups and needs "
+            f"the same lr in each (train.lr = {train.lr!r}); leave train.{key} unset, set it equal to "
+            "train.lr, or set it to 0 to freeze that text encoder's updates"
+        )
+    return problems
 
 
 def _precision_problems(spec: OptimizerSpec, config: Config) -> list[str]:

@@ -20,13 +20,13 @@ written under bench/work/ (gitignored) and deleted after measuring.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -34,8 +34,11 @@ import torch
 from difftune import __version__
 from difftune.config.loading import validate_config
 from difftune.config.schema import Config
-from difftune.models.single_file import shipped_config_dir
-from difftune.network.facts import network_facts, weightless_architecture
+from difftune.models import weightless_model
+from difftune.models.base import DiffusionModel
+from difftune.models.single_file_io import shipped_config_dir
+from difftune.network.base import roles_to_train
+from difftune.network.facts import network_facts
 from difftune.network.lycoris_net import LoraFamilyNetwork, NetworkSettings
 
 ROOT = Path(__file__).resolve().parent
@@ -73,22 +76,22 @@ def make_config(model: str, network: dict[str, Any], train_text_encoder: bool, p
     )
 
 
-def real_architecture(model: str, meta: SimpleNamespace) -> SimpleNamespace:
-    """The model with random weights (UNet and text encoder only: the VAE carries no network)."""
+def real_architecture(model: str, meta: DiffusionModel) -> DiffusionModel:
+    """The model with random weights (UNet and text encoder only: the VAE carries no network and stays
+    weightless)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     if model == "tiny-sd":
-        from difftune.models.tiny import tiny_text_encoder, tiny_unet
+        from difftune.models.sd.tiny import tiny_text_encoder, tiny_unet
 
         unet, text = tiny_unet(), tiny_text_encoder()
     else:
         folder = shipped_config_dir(model)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         text = CLIPTextModel(CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json"))
-    return SimpleNamespace(unet=unet.eval(), text_encoder=text.eval(), family=meta.family,
-                           prediction_type=meta.prediction_type)
+    return dataclasses.replace(meta, unet=unet.eval(), text_encoder=text.eval())
 
 
 def step0_run_metadata(config: Config) -> dict[str, str]:
@@ -98,13 +101,13 @@ def step0_run_metadata(config: Config) -> dict[str, str]:
             "planned_epochs": str(config.train.max_epochs)}
 
 
-def measure(architecture: SimpleNamespace, config: Config) -> dict[str, Any]:
+def measure(architecture: DiffusionModel, config: Config) -> dict[str, Any]:
     """Build the network on real weights, export it as training does, and read the file sizes."""
     settings = NetworkSettings.from_config(config.network)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
-        network = LoraFamilyNetwork.build(architecture, settings, train_unet=True,
-                                          train_text_encoder=config.train.train_text_encoder, attach=False, config=config)
+        network = LoraFamilyNetwork.build(architecture, settings, roles_to_train(architecture, config), attach=False,
+                                          config=config)
     out = {"trainable_parameters": sum(p.numel() for p in network.net.parameters() if p.requires_grad),
            "layers": len(network.loras)}
     for name, dtype in PRECISIONS.items():
@@ -122,7 +125,7 @@ def measure(architecture: SimpleNamespace, config: Config) -> dict[str, Any]:
 
 def run_model(model: str, measure_files: bool) -> dict[str, Any]:
     started = time.perf_counter()
-    meta = weightless_architecture(make_config(model, {"type": "lora"}, False, "fp32").model)
+    meta = weightless_model(make_config(model, {"type": "lora"}, False, "fp32").model)
     real = real_architecture(model, meta) if measure_files else None
     built_s = time.perf_counter() - started
     rows: dict[str, dict[str, Any]] = {}

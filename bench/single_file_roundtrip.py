@@ -12,8 +12,8 @@ Writes bench/results/single_file_roundtrip.json.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +22,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from difftune.checkpoint.single_file_export import save_single_file
 from difftune.config.schema import ModelConfig
 from difftune.models import load_model
-from difftune.models.single_file import shipped_config_dir
+from difftune.models.sd.ldm_export import save_single_file
+from difftune.models.single_file_io import shipped_config_dir
 
 
 def build(family: str):
@@ -45,7 +45,7 @@ def check(family: str, workdir: Path) -> dict:
     size_mb = file.stat().st_size / 2**20
     # SD 2.x-base files are only told apart from 768-v ones by their training step; name the family.
     model = load_model(ModelConfig(path=str(file), family="sd2" if family == "sd2" else "auto"))
-    loaded = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoders[0]}
+    loaded = {"unet": model.unet, "vae": model.vae, "text_encoder": model.parts["text_encoder"]}
     mismatched = []
     for name, module in modules.items():
         theirs = loaded[name].state_dict()
@@ -79,4 +79,7 @@ def main(families: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["sd1", "sd2-v", "sd2"])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("families", nargs="*", default=["sd1", "sd2-v", "sd2"], choices=["sd1", "sd2-v", "sd2"],
+                        help="families to check (default: all three)")
+    main(parser.parse_args().families)

@@ -179,6 +179,6 @@ def test_flip_and_order_are_seeded(digits_dir, quick_config):
     dataset = TrainDataset(plan.train_records, config.data, seed=7)
     item = dataset[SampleKey(0, 0, 0)]
     plain = load_image(plan.train_records[0].path, 16)
-    assert torch.equal(item["pixels"], plain.flip(-1))
+    assert torch.equal(item.pixels, plain.flip(-1))
     assert epoch_order(50, 7, 0) == epoch_order(50, 7, 0)
     assert epoch_order(50, 7, 0) != epoch_order(50, 7, 1)

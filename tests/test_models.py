@@ -25,9 +25,10 @@ def test_v_prediction_target_is_velocity():
     t = torch.tensor([10, 900])
     alpha = model.noise_scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     sigma = (1 - model.noise_scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
-    assert torch.allclose(model.loss_target(latents, noise, t), alpha * noise - sigma * latents, atol=1e-6)
+    objective = model.make_objective()
+    assert torch.allclose(objective.target(latents, noise, t), alpha * noise - sigma * latents, atol=1e-6)
     eps_model = load_model(ModelConfig())
-    assert torch.equal(eps_model.loss_target(latents, noise, t), noise)
+    assert torch.equal(eps_model.make_objective().target(latents, noise, t), noise)
 
 
 def test_prediction_type_override():
@@ -44,8 +45,8 @@ def test_diffusers_folder_round_trip(tmp_path):
     for module, other in ((model.unet, again.unet), (model.vae, again.vae), (model.text_encoder, again.text_encoder)):
         for (name, p), (_, q) in zip(module.state_dict().items(), other.state_dict().items(), strict=True):
             assert torch.equal(p, q), name
-    cond = model.encode_prompts(["a digit"])
-    again_cond = again.encode_prompts(["a digit"])
+    cond = model.encode_text(["a digit"])
+    again_cond = again.encode_text(["a digit"])
     assert torch.equal(cond["encoder_hidden_states"], again_cond["encoder_hidden_states"])
 
 
@@ -62,8 +63,8 @@ def test_folder_with_only_fp16_variant_weights_loads(tmp_path):
 def test_clip_skip_uses_an_earlier_layer():
     one, two = load_model(ModelConfig()), load_model(ModelConfig(clip_skip=2))
     with torch.no_grad():
-        a = one.encode_prompts(["a cat"])["encoder_hidden_states"]
-        b = two.encode_prompts(["a cat"])["encoder_hidden_states"]
+        a = one.encode_text(["a cat"])["encoder_hidden_states"]
+        b = two.encode_text(["a cat"])["encoder_hidden_states"]
     assert a.shape == b.shape and not torch.allclose(a, b)
 
 
@@ -73,8 +74,8 @@ def test_bad_paths_give_actionable_errors(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ModelLoadError, match="no model_index.json"):
         load_model(ModelConfig(path=str(tmp_path / "folder")))
-    (tmp_path / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ModelLoadError, match="StableDiffusionXLPipeline.*not supported yet"):
+    (tmp_path / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ModelLoadError, match="Flux.1 is not supported yet"):
         load_model(ModelConfig(path=str(tmp_path / "folder")))
 
 

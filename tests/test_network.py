@@ -47,7 +47,7 @@ def outputs(model):
     """UNet output for fixed latents, timesteps and prompts (text encoder included)."""
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
-    conditioning = model.encode_prompts(["a handwritten 3", "a handwritten 7"])
+    conditioning = model.encode_text(["a handwritten 3", "a handwritten 7"])
     return model.predict(latents, torch.tensor([50, 700]), conditioning)
 
 
@@ -139,14 +139,14 @@ def test_kohya_names_match_sd15_files_and_comfyui_maps(tmp_path):
     """On the real SD 1.5 architecture the default LoRA has kohya's 192 UNet + 72 text encoder layers,
     named the way ComfyUI builds its key map (diffusers UNet paths; CLIP text_model layers)."""
     from difftune.config.loading import validate_config
-    from difftune.models.single_file import shipped_config_dir
-    from difftune.network.facts import weightless_architecture
+    from difftune.models import weightless_model
+    from difftune.models.single_file_io import shipped_config_dir
     from difftune.network.lycoris_net import NetworkSettings
 
-    arch = weightless_architecture(ModelConfig(path=str(shipped_config_dir("sd1"))))
+    arch = weightless_model(ModelConfig(path=str(shipped_config_dir("sd1"))))
     config = validate_config({"network": {"type": "lora"}, "train": {"train_text_encoder": True}}, "test")
-    network = LoraFamilyNetwork.build(arch, NetworkSettings.from_config(config.network), train_unet=True,
-                                      train_text_encoder=True, attach=False, config=config)
+    network = LoraFamilyNetwork.build(arch, NetworkSettings.from_config(config.network), ["denoiser", "text_encoder"],
+                                      attach=False, config=config)
     names = {m.lora_name for m in network.loras}
     clip_map = ["mlp_fc1", "mlp_fc2", "self_attn_k_proj", "self_attn_q_proj", "self_attn_v_proj", "self_attn_out_proj"]
     assert {n for n in names if n.startswith("lora_te_")} == {
@@ -227,7 +227,7 @@ def test_init_from_continues_from_a_file(quick_config, tmp_path):
 
 
 def test_merge_and_sample_commands(quick_config, tmp_path, capsys):
-    from difftune.checkpoint.single_file_export import unet_to_ldm
+    from difftune.models.sd.ldm_export import unet_to_ldm
 
     trainer = train_network(quick_config, network={"type": "locon", "rank": 4})
     lora = final_file(trainer)
@@ -292,7 +292,7 @@ def _config(data):
 def test_boft_fits_sd15_widths_by_default_and_names_the_block_size_that_does(quick_config):
     """SD's 320-wide layers are 10 x 2^5: BOFT cannot split them into blocks of <= 8 (LyCORIS raised a bare
     ValueError); the default block_size fits, and a bad one is a config error naming one that works."""
-    from difftune.models.single_file import shipped_config_dir
+    from difftune.models.single_file_io import shipped_config_dir
     from difftune.network.facts import network_facts
 
     sd15 = {"path": str(shipped_config_dir("sd1"))}  # configs only: the network is sized on meta weights

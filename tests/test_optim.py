@@ -37,11 +37,14 @@ def one_thread():
 
 def run_steps(trainer: Trainer, n: int) -> list[float]:
     groups = trainer.step_groups()
-    losses = []
-    for _ in range(n):
-        losses.append(trainer.optimizer_step(next(groups)))
-        trainer.state.step += 1
-    return losses
+    return [trainer.train_step(next(groups)) for _ in range(n)]
+
+
+def first_group(config) -> dict:
+    """The first optimizer parameter group of a Trainer built (not run) for `config`."""
+    trainer = Trainer(config, show_progress=False)
+    trainer.close()
+    return trainer.optimizer.param_groups[0]
 
 
 def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -77,6 +80,7 @@ def test_every_optimizer_trains_the_tiny_model(name, quick_config):
     if "8bit" in name:  # the state really is 8-bit
         dtypes = {v.dtype for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)}
         assert torch.uint8 in dtypes
+    trainer.close()
 
 
 @pytest.mark.gpu
@@ -87,6 +91,7 @@ def test_8bit_and_paged_optimizers_on_cuda(name, quick_config):
                           optimizer={"name": name})
     trainer = Trainer(config, show_progress=False)
     losses = run_steps(trainer, 2)
+    trainer.close()
     assert all(math.isfinite(x) for x in losses)
     state = next(iter(trainer.optimizer.state.values()))
     assert state["state1"].device.type == "cuda" and state["state1"].dtype == torch.uint8
@@ -114,20 +119,20 @@ def test_unsupported_setting_names_the_optimizer_and_what_it_accepts():
 def test_settings_reach_the_optimizer_and_other_trainers_spellings_work(quick_config):
     config = quick_config(optimizer={"name": "DAdaptAdam", "decouple": True, "d0": 1e-5}, train={"lr": 1.0})
     trainer = Trainer(config, show_progress=False)
+    trainer.close()
     group = trainer.optimizer.param_groups[0]
     assert type(trainer.optimizer).__name__ == "DAdaptAdam"
     assert group["weight_decouple"] is True and group["d"] == 1e-5  # `decouple` is dadaptation's name; d starts at d0
     config = quick_config(optimizer={"name": "SGDNesterov"})
-    group = Trainer(config, show_progress=False).optimizer.param_groups[0]
+    group = first_group(config)
     assert group["nesterov"] is True and group["momentum"] == 0.9
     # bitsandbytes' 8-bit SGD takes `nesterov` and ignores it: refused with the reason, not passed silently.
     with pytest.raises(ConfigError, match="optimizer.nesterov = True: refused for sgd8bit: bitsandbytes' 8-bit SGD"):
         load_config(None, ["optimizer.name=sgd8bit", "optimizer.nesterov=true"])
-    assert Trainer(quick_config(optimizer={"name": "SGDNesterov8bit"}), show_progress=False).optimizer.param_groups[0]["betas"][0] == 0.9
+    assert first_group(quick_config(optimizer={"name": "SGDNesterov8bit"}))["betas"][0] == 0.9
     # Typed defaults are not forced on optimizers: AdamW keeps torch's 0.01, Lion gets no eps at all.
-    assert Trainer(quick_config(), show_progress=False).optimizer.param_groups[0]["weight_decay"] == 0.01
-    group = Trainer(quick_config(optimizer={"name": "adamw", "betas": [0.8, 0.9], "amsgrad": True}),
-                    show_progress=False).optimizer.param_groups[0]
+    assert first_group(quick_config())["weight_decay"] == 0.01
+    group = first_group(quick_config(optimizer={"name": "adamw", "betas": [0.8, 0.9], "amsgrad": True}))
     assert group["betas"] == (0.8, 0.9) and group["amsgrad"] is True
 
 
@@ -143,6 +148,7 @@ def test_prodigy_and_dadapt_refuse_unequal_group_lrs(quick_config):
     trainer = Trainer(config, show_progress=False)
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [1.0, 1.0]
     assert all(math.isfinite(x) for x in run_steps(trainer, 2))
+    trainer.close()
 
 
 def test_fused_back_pass_is_exact_and_refuses_what_it_cannot_do(quick_config):
@@ -150,6 +156,7 @@ def test_fused_back_pass_is_exact_and_refuses_what_it_cannot_do(quick_config):
         config = quick_config(train={"max_steps": 3, "batch_size": 2}, validation=NO_VALIDATION, optimizer=opt)
         trainer = Trainer(config, show_progress=False)
         losses = run_steps(trainer, 3)
+        trainer.close()
         return snapshot(trainer), losses
 
     (plain, plain_losses), (fused, fused_losses) = weights(), weights(fused_back_pass=True)
@@ -170,6 +177,7 @@ def test_stochastic_rounding_keeps_small_bf16_updates(quick_config):
                               validation=NO_VALIDATION, optimizer={"stochastic_rounding": rounding})
         trainer = Trainer(config, show_progress=False)
         result = run_steps(trainer, 4)
+        trainer.close()
         assert next(iter(trainer.network.state_dict().values())).dtype == getattr(torch, {"fp32": "float32"}.get(weight_dtype, "bfloat16"))
         return result
 
@@ -193,11 +201,13 @@ def test_adafactor_both_modes(quick_config):
         group = opt.param_groups[0]
         internal = opt._get_lr(group, opt.state[group["params"][0]])
         assert trainer.current_lrs()["lr"] == pytest.approx(internal) and internal != config.train.lr
+        trainer.close()
     # Fixed-LR mode: the configured lr and schedule apply.
     config = quick_config(train={"lr_scheduler": "linear", "batch_size": 2, "max_steps": 4}, validation=NO_VALIDATION,
                           optimizer={"name": "adafactor", "relative_step": False, "scale_parameter": False})
     trainer = Trainer(config, show_progress=False)
     run_steps(trainer, 2)
+    trainer.close()
     assert trainer.current_lrs()["lr"] == pytest.approx(config.train.lr * 0.5)
     with pytest.raises(ConfigError, match="lr_scheduler = 'adafactor' reports the LR adaptive Adafactor"):
         load_config(None, ["train.lr_scheduler=adafactor"])
@@ -208,8 +218,9 @@ def test_schedule_free_evaluates_and_resumes_with_its_averaged_weights(quick_con
     trainer = Trainer(config, show_progress=False)
     run_steps(trainer, 2)
     train_weights = snapshot(trainer)
-    with_train_weights = trainer.val_probe.evaluate(trainer.model, trainer.accelerator.autocast).loss
+    with_train_weights = trainer.val_probe.evaluate(trainer.model, trainer.objective, trainer.accelerator.autocast).loss
     val_loss = trainer.validate()["val_loss"]
+    trainer.close()
     assert val_loss != with_train_weights  # validation used the averaged (eval-mode) weights
     assert trainer.optimizer.param_groups[0]["train_mode"] is True
     assert all(torch.equal(train_weights[k], v) for k, v in snapshot(trainer).items())  # given back bit for bit
@@ -327,9 +338,11 @@ def test_scale_lr_arithmetic_reaches_the_optimizer(quick_config):
     for mode, factor in (("none", 1.0), ("sqrt", 2.0), ("linear", 4.0)):
         config = load_config(None, ["train.lr=1e-4", "train.text_encoder_lr=5e-5", "train.batch_size=4",
                                     "train.grad_accum=2", f"train.scale_lr={mode}", "train.scale_lr_base_batch=2"])
-        assert effective_lrs(config.train) == pytest.approx((1e-4 * factor, 5e-5 * factor))
+        lrs = effective_lrs(config.train)
+        assert (lrs["denoiser"], lrs["text_encoder"]) == pytest.approx((1e-4 * factor, 5e-5 * factor))
     config = quick_config(train={"lr": 1e-4, "scale_lr": "sqrt", "train_text_encoder": True, "text_encoder_lr": 2e-5})
     trainer = Trainer(config, show_progress=False)  # batch 4, base 1 → x2
+    trainer.close()
     assert [g["initial_lr"] for g in trainer.optimizer.param_groups] == pytest.approx([2e-4, 4e-5])
 
 
@@ -345,8 +358,8 @@ def test_schedule_command_writes_png_and_table(digits_dir, tmp_path, capsys):
     assert main(["schedule", str(path), "--out", str(png), "--steps", "100"]) == 0
     out = capsys.readouterr().out
     assert "total steps   100" in out and "warmup end    step 10" in out
-    lines = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("unet", "text_encoder"))}
-    assert lines["unet"] == ["0", "0.0001", "11", f"{1e-4 * 0.5 * (1 + math.cos(math.pi * 89 / 90)):.3g}"]
+    lines = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("denoiser", "text_encoder"))}
+    assert lines["denoiser"] == ["0", "0.0001", "11", f"{1e-4 * 0.5 * (1 + math.cos(math.pi * 89 / 90)):.3g}"]
     assert lines["text_encoder"][1] == "5e-05"
     assert Image.open(png).size == (800, 400)
     # No model is loaded and no run directory appears.

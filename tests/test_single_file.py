@@ -6,13 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from difftune.checkpoint.single_file_export import save_single_file, unet_to_ldm
 from difftune.config.schema import ModelConfig
 from difftune.models import load_model
 from difftune.models.loading import ModelLoadError
-from difftune.models.sd import StableDiffusionModel
-from difftune.models.single_file import CROSS_ATTENTION_KEY, detect_family, shipped_config_dir
-from difftune.models.tiny import build_tiny_components
+from difftune.models.registry import describe_unknown_file
+from difftune.models.sd.adapter import StableDiffusionModel
+from difftune.models.sd.ldm_export import save_single_file, unet_to_ldm
+from difftune.models.sd.single_file import CROSS_ATTENTION_KEY, is_sd_layout, variant_from_weights
+from difftune.models.sd.tiny import build_tiny_components
+from difftune.models.single_file_io import shipped_config_dir
 from difftune.training.loop import train
 
 
@@ -48,7 +50,7 @@ def test_single_file_round_trip_is_exact(tiny, tmp_path, layout):
     model = load_model(ModelConfig(path=str(file), config_dir=str(root / "folder")))
     assert_same_weights(parts["unet"], model.unet)
     assert_same_weights(parts["vae"], model.vae)
-    assert_same_weights(parts["text_encoder"], model.text_encoders[0])
+    assert_same_weights(parts["text_encoder"], model.parts["text_encoder"])
 
 
 def test_ckpt_file_loads_like_safetensors(tiny, tmp_path):
@@ -86,26 +88,35 @@ def test_unet_key_layout_matches_the_original_for_sd15_blocks():
 
 def test_detect_family_from_weights(tmp_path):
     path = tmp_path / "x.safetensors"
-    assert detect_family({CROSS_ATTENTION_KEY: torch.zeros(320, 768)}, path) == "sd1"
-    assert detect_family({CROSS_ATTENTION_KEY: torch.zeros(320, 1024)}, path) == "sd2-v"
-    assert detect_family({CROSS_ATTENTION_KEY: torch.zeros(320, 1024), "global_step": 875000}, path) == "sd2"
-    with pytest.raises(ModelLoadError, match="SDXL"):
-        detect_family({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, path)
+    assert variant_from_weights({CROSS_ATTENTION_KEY: torch.zeros(320, 768)}, path) == "sd1"
+    assert variant_from_weights({CROSS_ATTENTION_KEY: torch.zeros(320, 1024)}, path) == "sd2-v"
+    assert variant_from_weights({CROSS_ATTENTION_KEY: torch.zeros(320, 1024), "global_step": 875000}, path) == "sd2"
+    # SDXL files (a `conditioner`, not a `cond_stage_model`) are not the SD 1.x/2.x layout: the SDXL family takes them.
+    sdxl = [CROSS_ATTENTION_KEY, "conditioner.embedders.1.model.ln_final.weight"]
+    assert not is_sd_layout(sdxl)
+    assert is_sd_layout([CROSS_ATTENTION_KEY, "cond_stage_model.transformer.text_model.final_layer_norm.weight"])
+    assert "Flux" in describe_unknown_file(["double_blocks.0.img_attn.norm.key_norm.scale"])
+    flux = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(1)}, str(flux))
     with pytest.raises(ModelLoadError, match="Flux"):
-        detect_family({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(1)}, path)
+        load_model(ModelConfig(path=str(flux)))
 
 
-def test_files_that_are_not_checkpoints_get_clear_errors(tmp_path):
+def test_files_that_are_not_checkpoints_get_clear_errors(tiny, tmp_path):
     lora = tmp_path / "my_lora.safetensors"
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}, str(lora))
-    with pytest.raises(ModelLoadError, match="no Stable Diffusion UNet found.*network.init_from"):
+    with pytest.raises(ModelLoadError, match="LoRA file.*network.init_from"):
         load_model(ModelConfig(path=str(lora)))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 100)
-    with pytest.raises(ModelLoadError, match="broken.safetensors.*could not read"):
+    with pytest.raises(ModelLoadError, match="broken.safetensors.*not a readable"):
         load_model(ModelConfig(path=str(broken)))
+    # An SD-layout file with a config_dir that holds no configs: the error names model.config_dir.
+    parts, _ = tiny
+    checkpoint = tmp_path / "model.safetensors"
+    save_single_file(checkpoint, parts["unet"], parts["vae"], parts["text_encoder"], dtype=torch.float32)
     with pytest.raises(ModelLoadError, match="model.config_dir"):
-        load_model(ModelConfig(path=str(lora), config_dir=str(tmp_path)))
+        load_model(ModelConfig(path=str(checkpoint), config_dir=str(tmp_path)))
 
 
 def test_full_finetune_exports_a_single_file_that_trains_again(quick_config, tiny, tmp_path):

@@ -159,7 +159,7 @@ def test_accumulation_clipping_text_encoder_and_checkpointing(quick_config, tmp_
     assert records[-1]["lr/text_encoder"] == pytest.approx(1e-4)
     final = tmp_path / "run/checkpoints/final"
     te = load_file(next((final / "text_encoder").glob("*.safetensors")))
-    from difftune.models.tiny import build_tiny_components
+    from difftune.models.sd.tiny import build_tiny_components
 
     fresh = build_tiny_components("tiny-sd")["text_encoder"].state_dict()
     changed = [k for k in te if k in fresh and not torch.equal(te[k], fresh[k])]

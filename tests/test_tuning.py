@@ -282,6 +282,7 @@ def test_sweep_restores_weights_and_optimizer_for_reuse(quick_config):
     before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
     raw = run_sweep(trainer, config, ramp_fn, point_lrs)
     assert raw["steps"] == 10 and raw["item_losses"].shape == (5, raw["probe_items"])
+    trainer.close()
     after = trainer.network.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert trainer.state.step == 0 and not trainer.optimizer.state  # fresh AdamW state again

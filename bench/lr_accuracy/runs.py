@@ -75,15 +75,14 @@ def constant_run(problem_name: str, work: str, lr: float, seed: int) -> dict[str
     try:
         for step in range(1, problem.steps + 1):
             t0 = time.perf_counter()
-            group = next(groups)
-            trainer.optimizer_step(group)
-            trainer.state.step += 1
-            trainer.state.batch_in_epoch += len(group)
+            trainer.train_step(next(groups))
             train_seconds += time.perf_counter() - t0
             if step % every == 0 or step == problem.steps:
                 curve.append((step, trainer.validate()["val_loss"]))
     except TrainingDiverged:
         diverged = True
+    finally:
+        trainer.close()  # built and stepped by hand, never run(): release the run directory
     finite = [v for _, v in curve if math.isfinite(v)]
     result = {
         "problem": problem_name, "lr": lr, "seed": seed, "steps": problem.steps,

@@ -367,3 +367,35 @@ def test_an_image_the_square_crop_mostly_cuts_away_is_warned_about(tmp_path):
     plan = make_plan(validate_config(quick_config_dict(folder, tmp_path / "run"), "test"))
     cut = [w for w in plan.warnings if "to the square crop" in w]
     assert len(cut) == 1 and cut[0].startswith("1 image(s) lose more than 75%") and "wide.png (90x16" in cut[0]
+
+
+def test_a_sub_folder_another_process_holds_is_refused_inside_a_folder_this_one_holds(tmp_path):
+    """auto/find-steps on `out` while another process resumes `out/find-steps`: the sub-run must not
+    overwrite the other run's files."""
+    sub = tmp_path / "out" / "find-steps"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from difftune.training.run_lock import lock_run_dir; "
+         f"lock_run_dir({str(sub)!r}, 'train'); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with lock_run_dir(tmp_path / "out", "auto"):
+            with pytest.raises(RunLockedError, match=f"PID {holder.pid}"):
+                lock_run_dir(sub, "find-steps")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_full_disk_is_recognised_however_the_writer_reports_it(tmp_path):
+    from safetensors import SafetensorError
+
+    from difftune.checkpoint.state import is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert is_disk_full(SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                        'message: "No space left on device" })'), tmp_path)
+    assert is_disk_full(RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed "
+                                     "writing file data/3: file write failed, No space left on device"), tmp_path)
+    assert not is_disk_full(RuntimeError("PytorchStreamWriter failed writing file data/3"), tmp_path)  # space left
+    assert not is_disk_full(ValueError("shape mismatch"), tmp_path)

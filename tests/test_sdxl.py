@@ -314,3 +314,19 @@ def test_real_sdxl_tokenizers_are_built_offline():
     ids = first(["a photo of a cat"]).input_ids[0]
     assert ids[0] == 49406 and ids[-1] == 49407 and len(ids) == 7  # BOS a photo of a cat EOS
     assert second(["a photo of a cat"]).input_ids == [ids]
+
+
+def test_size_conditioning_is_exact_under_bf16_autocast():
+    model = load_model(ModelConfig(path="tiny-sdxl"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cond = model.condition(model.encode_text(["x"]), meta(1, original=(1023, 3001), crop=(301, 0)))
+    time_ids = cond["added_cond_kwargs"]["time_ids"]
+    assert time_ids.dtype == torch.float32 and time_ids.tolist() == [[1023, 3001, 301, 0, 16, 16]]
+
+
+def test_convert_without_a_model_names_real_sdxl_layers():
+    table = formats.reference_module_table("sdxl")
+    assert table["lora_unet_output_blocks_2_0_in_layers_2"] == "unet.up_blocks.0.resnets.2.conv1"
+    assert table["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] == \
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert table["lora_te2_text_model_encoder_layers_31_mlp_fc1"] == "text_encoder_2.text_model.encoder.layers.31.mlp.fc1"

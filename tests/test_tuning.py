@@ -344,3 +344,12 @@ def test_auto_end_to_end_and_the_final_model_equals_the_best_checkpoint(digits_d
     final = load_file(tmp_path / "run" / "final" / "checkpoints" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
     assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
     assert "chosen: lr" in out and "report:" in out
+
+
+def test_tuners_keep_each_text_encoders_lr_ratio():
+    from difftune.config.loading import load_config
+    from difftune.tuning.common import constant_lr_changes
+
+    config = load_config(None, ["train.lr=1e-4", "train.text_encoder_lr=5e-5", "train.text_encoder_2_lr=2e-5"])
+    changes = constant_lr_changes(config, 4e-4)
+    assert changes["text_encoder_lr"] == pytest.approx(2e-4) and changes["text_encoder_2_lr"] == pytest.approx(8e-5)

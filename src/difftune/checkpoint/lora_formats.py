@@ -11,7 +11,7 @@ then uses scale 1, so writing this layout folds alpha/rank into `lora_B`. It onl
 pairs; the other algorithms stay in the kohya layout.
 
 Converting between the two needs the dotted module path behind each kohya name (underscores are
-ambiguous); it comes from a model's own modules, or from the SD 1.x/2.x architectures difftune ships.
+ambiguous); it comes from a model's own modules, or from the architectures difftune ships for the family.
 """
 
 from __future__ import annotations
@@ -119,8 +119,9 @@ def reference_module_table(family: str) -> dict[str, str]:
     from difftune.models.registry import FAMILIES
 
     table: dict[str, str] = {}
-    for model in FAMILIES[family].api("reference_models")():
-        table.update(module_table(model))
+    for model in FAMILIES[family].api("reference_models")():  # real architectures first: their names win
+        for name, key in module_table(model).items():
+            table.setdefault(name, key)
     return table
 
 

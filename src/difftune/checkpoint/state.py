@@ -92,17 +92,43 @@ def save_checkpoint(checkpoints_dir: Path, name: str, *, export: Callable[[Path]
                 hook("export")
                 write_manifest(tmp, state.trainer_state.step if state is not None else None)
                 hook("manifest")
-            except OSError as e:
-                if e.errno in DISK_FULL:
+            except Exception as e:  # writers report a full disk as OSError, SafetensorError or RuntimeError
+                if is_disk_full(e, checkpoints_dir):
                     raise _disk_full(checkpoints_dir, name, written=_tree_bytes(tmp)) from None
                 raise
-        if state is not None:
-            atomic_write_json(checkpoints_dir / LATEST, {"checkpoint": name, "step": state.trainer_state.step})
     except OSError as e:
-        if e.errno in DISK_FULL:  # the rename or latest.json: the save itself was removed or is complete
+        if is_disk_full(e, checkpoints_dir):  # the rename itself
             raise _disk_full(checkpoints_dir, name, written=0) from None
         raise
+    if state is not None:
+        try:
+            atomic_write_json(checkpoints_dir / LATEST, {"checkpoint": name, "step": state.trainer_state.step})
+        except OSError as e:
+            if is_disk_full(e, checkpoints_dir):
+                raise DiskFullError(f"no space left on the device of '{checkpoints_dir}' after saving {name}: the save "
+                                    f"is complete (only {LATEST}, a pointer for people, could not be written); free "
+                                    "space and resume with --resume") from None
+            raise
     return final
+
+
+DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """A full disk, however the writer says it: errno ENOSPC/EDQUOT, safetensors' "os error 28", or
+    torch.save's "PytorchStreamWriter failed writing" when the folder has (almost) no space left."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        return True
+    text = str(error)
+    if any(word in text for word in DISK_FULL_WORDS):
+        return True
+    if "failed writing" in text or "write" in text.lower():
+        try:
+            return shutil.disk_usage(folder).free < 1 << 20
+        except OSError:
+            return False
+    return False
 
 
 def _write_state(state_dir: Path, state: TrainingState) -> None:
@@ -218,11 +244,13 @@ def newest_save(checkpoints_dir: Path) -> Path | None:
     return None
 
 
-def resume_latest(checkpoints_dir: Path, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], TrainerState, Path, list[str]]:
-    """Restore the newest intact save: (trainable tensors, trainer state, its folder, the saves skipped and why).
+def resume_latest(checkpoints_dir: Path, optimizer, scheduler,
+                  load_trainable: Callable[[dict[str, torch.Tensor]], None]) -> tuple[TrainerState, Path, list[str]]:
+    """Restore the newest intact save: (trainer state, its folder, the saves skipped and why).
 
-    Each candidate is verified against its manifest, then loaded; a save that fails either is
-    skipped for the next older one. CheckpointError lists every save found when none is intact.
+    Each candidate is verified against its manifest, then loaded (optimizer, scheduler, RNG and,
+    through `load_trainable`, the trained weights); a save that fails either is skipped for the next
+    older one, which restores everything again. CheckpointError lists every save found when none is intact.
     """
     skipped: list[str] = []
     for folder in resumable_candidates(checkpoints_dir):
@@ -230,7 +258,8 @@ def resume_latest(checkpoints_dir: Path, optimizer, scheduler) -> tuple[dict[str
         if problem is None:
             try:
                 trainable, trainer_state = load_training_state(folder, optimizer, scheduler)
-                return trainable, trainer_state, folder, skipped
+                load_trainable(trainable)
+                return trainer_state, folder, skipped
             except Exception as e:  # any unreadable piece: this save cannot be resumed, an older one may
                 problem = f"could not be loaded ({type(e).__name__}: {e})"
         skipped.append(f"{folder.name}: {problem}")
@@ -245,8 +274,8 @@ def resume_latest(checkpoints_dir: Path, optimizer, scheduler) -> tuple[dict[str
 def load_training_state(checkpoint: Path, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], TrainerState]:
     """Restore optimizer, scheduler and RNG in place; return the trainable tensors and trainer state.
 
-    Everything is read before anything is restored, so a save that fails to load leaves the
-    optimizer and scheduler as they were for the next candidate.
+    Every file is read before anything is restored, so a save with an unreadable file leaves the
+    optimizer and scheduler as they were.
     """
     state_dir = Path(checkpoint) / STATE_DIR
     trainable = load_file(state_dir / "trainable.safetensors")

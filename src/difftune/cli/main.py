@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json_arg(p, "the report (plan, warnings, network facts)")
 
     p = _sub(sub, "schedule", "plot the LR schedule of a config (no model is loaded)", _text(
-        "Plot the learning rate of every parameter group (unet, text_encoder) at every optimizer step of the "
+        "Plot the learning rate of every parameter group (denoiser, text_encoder, text_encoder_2: the parts it trains) at every optimizer step of the "
         "run, computed from the config alone: no model is loaded. Prints a table (first, peak and final LR "
         "per group, warmup end, decay end, notes on optimizers that set their own step size) and the "
         "optimizer/schedule warnings doctor gives.",

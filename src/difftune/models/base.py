@@ -42,6 +42,10 @@ class DiffusionModel(Protocol):
     """Role → the diffusers/PEFT LoRA key prefix ("unet", "text_encoder", "text_encoder_2")."""
     lora_presets: dict[str, dict[str, Any]]
     """LyCORIS layer selections by preset name for this family's module classes."""
+    notes: list[str]
+    """Load-time warnings the trainer shows (e.g. a setting this family ignores)."""
+    # Optional: `kohya_file_name(role, module_path) -> str | None` when the family's kohya files name
+    # layers otherwise than LyCORIS does (SDXL: SGM UNet paths); see checkpoint/lora_formats.file_name.
 
     @property
     def device(self) -> torch.device: ...
@@ -66,8 +70,17 @@ class DiffusionModel(Protocol):
         """Tokens per caption and how many the text encoder reads (longer captions are cut)."""
         ...
 
-    def render(self, prompts: list[str], settings: Any, resolution: int) -> list[Any]:
-        """Sample images (PIL), one per prompt with seed settings.seed + i, under no_grad."""
+    @property
+    def native_resolution(self) -> int:
+        """Side length the denoiser's config was made for (default size of `difftune sample`)."""
+        ...
+
+    def pipeline(self, sampler: str = "euler") -> Any:
+        """The family's diffusers pipeline over the live modules (samples, `difftune sample`)."""
+        ...
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Extra arguments of that pipeline's call that reproduce how the model was trained (clip_skip)."""
         ...
 
     def save_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> None:

@@ -146,11 +146,21 @@ def _family_of_folder(path: Path) -> Family:
     raise ModelLoadError(f"{index_file}: {what}; difftune loads: {supported}")
 
 
+_FILE_FAMILIES: dict[tuple, Family] = {}
+"""(path, size, mtime) → family: reading a pickled .ckpt's keys means unpickling all of it, and doctor,
+the LR plan and the loader all ask."""
+
+
 def _family_of_file(path: Path) -> Family:
     """Ask each family whether the file's keys are its layout (the first that says yes wins)."""
+    stat = path.stat()
+    identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if identity in _FILE_FAMILIES:
+        return _FILE_FAMILIES[identity]
     keys = single_file_keys(path)
     for family in FAMILIES.values():
         if family.api("detect_single_file")(keys, path) is not None:
+            _FILE_FAMILIES[identity] = family
             return family
     raise SingleFileError(f"model.path = '{path}': {describe_unknown_file(keys)}")
 

@@ -101,7 +101,7 @@ class Trainer:
         self.stable_probe = self._probe(self.plan.stable_train_records)
         self.state = TrainerState()
         self.fault_hook = env_fault_hook()
-        self.notes += getattr(self.model, "notes", [])
+        self.notes += self.model.notes
         self.notes += caption_notes(self.model, self.plan.train_records + self.plan.val_records)
         if resuming:
             self._resume()
@@ -321,6 +321,8 @@ class Trainer:
         trained = {id(m) for m in self.network.trained_modules()}
         for module in self.model.parts.values():
             frozen_dtype = weight_dtype if device.type == "cuda" else torch.float32
+            if frozen_dtype == torch.float16 and getattr(getattr(module, "config", None), "force_upcast", False):
+                frozen_dtype = torch.float32  # diffusers' flag for VAEs that overflow in fp16 (SDXL's)
             trained_dtype = torch.bfloat16 if self.config.train.weight_dtype == "bf16" else torch.float32
             module.to(device, dtype=trained_dtype if id(module) in trained else frozen_dtype)
             module.train(id(module) in trained)
@@ -342,8 +344,11 @@ class Trainer:
 
     def _resume(self) -> None:
         """Continue from the newest intact save; broken newer ones are named and skipped."""
-        trainable, self.state, folder, skipped = resume_latest(self.run_dir.checkpoints, self.optimizer, self.scheduler)
-        self.network.load_state_dict({k: v.to(self.accelerator.device) for k, v in trainable.items()})
+        def load_trainable(trainable: dict) -> None:
+            self.network.load_state_dict({k: v.to(self.accelerator.device) for k, v in trainable.items()})
+
+        self.state, folder, skipped = resume_latest(self.run_dir.checkpoints, self.optimizer, self.scheduler,
+                                                    load_trainable)
         truncate_metrics(self.run_dir.metrics, self.state.step)
         self.notes += [f"skipped save {why}" for why in skipped]
         if skipped:

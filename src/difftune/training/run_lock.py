@@ -7,7 +7,8 @@ taken over, and the caller is told whose it was. The file holds the holder's PID
 start time, so a refusal can name them.
 
 Within one process locks nest: `auto` holds its `output.dir` while its find-lr / find-steps runs
-lock sub-folders, and a run inside a folder another process holds is refused.
+lock their sub-folders too (another process may be resuming a run there), and a run inside a folder
+another process holds is refused.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def lock_run_dir(root: str | Path, command: str = "train") -> RunLock:
     if root in _held:
         _held[root].count += 1
         return RunLock(root)
-    if any(parent in _held for parent in root.parents):
-        return RunLock(root)  # this process already owns the folder around it
+    # Inside a folder this process holds (auto's find-lr/), the sub-folder's own lock is still taken:
+    # another process may be resuming a run there.
     _refuse_if_parent_locked(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_FILE
@@ -117,7 +118,7 @@ def _refuse_if_parent_locked(root: Path) -> None:
     """A folder inside another process's run directory belongs to that run (e.g. auto's find-lr/)."""
     for parent in root.parents:
         path = parent / LOCK_FILE
-        if not path.is_file():
+        if parent in _held or not path.is_file():
             continue
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -41,8 +41,9 @@ def constant_lr_changes(config: Config, lr: float) -> dict[str, Any]:
     """
     train = config.train
     changes: dict[str, Any] = {"lr": lr, "lr_scheduler": "constant", "lr_from": None}
-    if train.text_encoder_lr is not None:
-        changes["text_encoder_lr"] = train.text_encoder_lr * lr / train.lr
+    for key in ("text_encoder_lr", "text_encoder_2_lr"):
+        if getattr(train, key) is not None:
+            changes[key] = getattr(train, key) * lr / train.lr
     return changes
 
 

@@ -67,6 +67,10 @@ class StableDiffusionModel:
         return {"denoiser": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
 
     @property
+    def notes(self) -> list[str]:
+        return []
+
+    @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 

@@ -90,7 +90,8 @@ class StableDiffusionXLModel:
         sizes = [(*o, *c, *s) for o, c, s in zip(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes,
                                                  strict=True)]
         hidden = text["encoder_hidden_states"]
-        time_ids = torch.tensor(sizes, dtype=hidden.dtype, device=hidden.device)
+        # float32 whatever the autocast dtype: bf16 would round a 1023-px side to 1024
+        time_ids = torch.tensor(sizes, dtype=torch.float32, device=hidden.device)
         return {"encoder_hidden_states": hidden,
                 "added_cond_kwargs": {"text_embeds": text["text_embeds"], "time_ids": time_ids}}
 

@@ -96,3 +96,14 @@ def atomic_path(final: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder so that an interruption never leaves half of it looking like a whole one: it is
+    renamed to a temporary name first (the next start removes what is left of it)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    doomed = path.with_name(f"{TEMP_PREFIX}removing-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)

@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from difftune.checkpoint.atomic import OLD_PREFIX, TEMP_PREFIX, atomic_directory, atomic_write_json
+from difftune.checkpoint.atomic import (
+    OLD_PREFIX,
+    TEMP_PREFIX,
+    atomic_directory,
+    atomic_write_json,
+    remove_tree,
+)
 from difftune.checkpoint.manifest import MANIFEST, save_bytes, verify_save, write_manifest
 from difftune.errors import CheckpointError, DiskFullError
 
@@ -299,7 +305,7 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int) -> list[Path]:
     )
     removed = []
     for _, path in steps[:-keep_last] if keep_last > 0 else steps:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
         removed.append(path)
     return removed
 

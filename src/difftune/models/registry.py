@@ -114,13 +114,11 @@ def family_for(config) -> Family:
     for family in FAMILIES.values():
         if source in family.builtins:
             return family
-    if config.family != "auto":
-        return family_of_variant(config.family)
     path = Path(source).expanduser()
     if path.is_dir():
-        return _family_of_folder(path)
+        return _family_of_folder(path)  # its model_index.json says; model.family is for single files
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        return _family_of_file(path)
+        return family_of_variant(config.family) if config.family != "auto" else _family_of_file(path)
     raise ModelLoadError(
         f"model.path = {source!r}: not found or not loadable. Expected a built-in name "
         f"({', '.join(builtin_names())}), a diffusers folder containing model_index.json, or a single "

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from difftune.checkpoint.atomic import remove_tree
 from difftune.checkpoint.state import clean_leftovers, format_bytes, resumable_candidates
 from difftune.config.loading import (
     ConfigError,
@@ -77,10 +77,12 @@ def open_run_dir(config: Config, resuming: bool, command: str = "train") -> tupl
         if not resuming and run.metrics.exists():
             if not config.output.overwrite:
                 raise ConfigError(_holds_a_run(run))
-            for path in (run.metrics, run.summary):
-                path.unlink(missing_ok=True)
+            # The old run's saves go first and its metrics.jsonl (what marks a run) last, each folder renamed
+            # before it is deleted: an interrupted overwrite never leaves old saves a later resume would take.
             for path in (run.checkpoints, run.samples, run.plots, run.tensorboard):
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path)
+            for path in (run.summary, run.metrics):
+                path.unlink(missing_ok=True)
         if resuming and run.config.exists():
             _refuse_changed_training(config, run)
         done, freed = clean_leftovers([run.root, run.checkpoints, run.samples, run.plots])

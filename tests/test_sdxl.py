@@ -330,3 +330,23 @@ def test_convert_without_a_model_names_real_sdxl_layers():
     assert table["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] == \
         "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     assert table["lora_te2_text_model_encoder_layers_31_mlp_fc1"] == "text_encoder_2.text_model.encoder.layers.31.mlp.fc1"
+
+
+def test_sdxl_samples_during_training_and_from_the_command_line(sdxl_config, tmp_path):
+    from PIL import Image
+
+    from difftune.generate import generate
+
+    config = sdxl_config(network={"type": "lora", "rank": 2}, train={"max_steps": 1}, data={"val_split": 0.0},
+                         sample={"prompts": ["a handwritten 3", "a handwritten 7"], "steps": 2},
+                         output={"save_state": False})
+    summary = train(config, show_progress=False)
+    grid = Path(config.output.dir) / "samples" / f"step-{summary['steps']:06d}.png"
+    assert grid.is_file() and Image.open(grid).width >= 2 * 16
+    lora = Path(config.output.dir) / "checkpoints" / "final" / "run.safetensors"
+    plain = generate("tiny-sdxl", ["a handwritten 3"], tmp_path / "plain.png", steps=2, width=16, height=16)
+    with_lora = generate("tiny-sdxl", ["a handwritten 3"], tmp_path / "lora.png", lora=str(lora), scale=50.0, steps=2,
+                         width=16, height=16)
+    a = torch.tensor(list(Image.open(plain[0]).getdata()), dtype=torch.float32)
+    b = torch.tensor(list(Image.open(with_lora[0]).getdata()), dtype=torch.float32)
+    assert a.shape == b.shape and (a - b).abs().max() > 0  # the LoRA reaches the sampling pipeline

@@ -44,3 +44,16 @@ def quick_config(digits_dir, tmp_path):
         return validate_config(quick_config_dict(digits_dir, tmp_path / "run", **sections), "test")
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny models' ops are too small to split across threads: on 2 shared cores intra-op threads
+    spin against other processes and a step takes many times longer. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -36,13 +36,7 @@ SAVING = {"save_every_n_steps": 2}
 NO_VALIDATION = {"every_n_steps": None, "every_n_epochs": 0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on 2 shared cores: one intra-op thread is many times faster (see test_optim.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def leftovers(run: Path) -> list[str]:

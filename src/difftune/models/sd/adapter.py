@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from difftune.data.batch import Batch
-from difftune.models.base import count_parameters
-from difftune.models.objectives import DDPMObjective
+from difftune.models.latent_unet import LatentUNetModel
 from difftune.models.registry import FAMILIES
 from difftune.models.sd.lora_presets import UNET_CLIP_PRESETS
 from difftune.samplers import scheduler_class
@@ -44,7 +42,7 @@ def encode_clip(text_encoder, tokenizer, captions: list[str], layer: int | None 
 
 
 @dataclass
-class StableDiffusionModel:
+class StableDiffusionModel(LatentUNetModel):
     """SD1.x/2.x: one CLIP text encoder, a cross-attention UNet, a KL VAE."""
 
     family: str
@@ -66,29 +64,6 @@ class StableDiffusionModel:
     def parts(self) -> dict[str, torch.nn.Module]:
         return {"denoiser": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
 
-    @property
-    def notes(self) -> list[str]:
-        return []
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def native_resolution(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
-
-    def make_objective(self, min_snr_gamma: float | None = None) -> DDPMObjective:
-        return DDPMObjective(self.noise_scheduler, min_snr_gamma)
-
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         # kohya's clip_skip: an earlier layer, then the final layer norm as SD expects.
         layer = -self.clip_skip if self.clip_skip > 1 else None
@@ -97,20 +72,6 @@ class StableDiffusionModel:
 
     def condition(self, text: dict[str, torch.Tensor], batch: Batch) -> dict[str, Any]:
         return text  # SD 1.x/2.x condition on the text alone
-
-    def text_token_counts(self, captions: list[str]) -> tuple[list[int], int]:
-        ids = self.tokenizer(captions, truncation=False, padding=False).input_ids
-        return [len(i) for i in ids], self.tokenizer.model_max_length
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents of pixels in [-1, 1]. Without a generator the distribution's mean is used (deterministic)."""
-        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
-        latents = dist.mean if generator is None else dist.sample(generator=generator)
-        return latents.float() * self.vae.config.scaling_factor
-
-    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        return self.unet(noisy, t, **cond).sample
 
     def pipeline(self, sampler: str = "euler") -> StableDiffusionPipeline:
         pipe = StableDiffusionPipeline(
@@ -125,13 +86,6 @@ class StableDiffusionModel:
         """Extra arguments of the pipeline's call (diffusers counts clip_skip from 0, kohya from 1)."""
         return {"clip_skip": self.clip_skip - 1 or None}
 
-    def save_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> None:
-        pipe = self.pipeline("euler")
-        pipe.scheduler = self.noise_scheduler
-        if dtype != torch.float32:
-            pipe = copy.deepcopy(pipe).to(dtype=dtype)  # convert copies, never the live training modules
-        pipe.save_pretrained(str(path), safe_serialization=True)
-
     def save_single_file(self, path: Path, dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> None:
         from difftune.models.sd.ldm_export import save_single_file
 
@@ -142,13 +96,4 @@ class StableDiffusionModel:
             "ss_base_model_version": BASE_MODEL_VERSIONS.get(self.family, self.family),
             "ss_v2": str(self.family.startswith("sd2")),
             "modelspec.architecture": MODELSPEC_ARCHITECTURES.get(self.family, f"difftune-{self.family}") + "/lora",
-        }
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "family": self.family,
-            "prediction_type": self.prediction_type,
-            "source": self.source,
-            **{f"{role}_parameters": count_parameters(module) for role, module in self.parts.items()},
-            "vae_scale_factor": self.vae_scale_factor,
         }

@@ -8,7 +8,6 @@ image (micro-conditioning, so the model learns what a crop or an upscaled small 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,8 +18,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, U
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from difftune.data.batch import Batch
-from difftune.models.base import count_parameters
-from difftune.models.objectives import DDPMObjective
+from difftune.models.latent_unet import LatentUNetModel
 from difftune.models.registry import FAMILIES
 from difftune.models.sd.adapter import encode_clip
 from difftune.models.sd.lora_presets import UNET_CLIP_PRESETS
@@ -31,7 +29,7 @@ TE2_PREFIX = "conditioner.embedders.1.model."
 
 
 @dataclass
-class StableDiffusionXLModel:
+class StableDiffusionXLModel(LatentUNetModel):
     family: str
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -55,31 +53,12 @@ class StableDiffusionXLModel:
                 "vae": self.vae}
 
     @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def native_resolution(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
-
-    @property
     def notes(self) -> list[str]:
         """Load-time warnings the trainer shows."""
         if self.clip_skip > 1:
             return [f"model.clip_skip = {self.clip_skip} has no effect on SDXL (as in kohya's SDXL scripts): SDXL "
                     "was trained on the penultimate layer of both text encoders, which difftune always uses"]
         return []
-
-    def make_objective(self, min_snr_gamma: float | None = None) -> DDPMObjective:
-        return DDPMObjective(self.noise_scheduler, min_snr_gamma)
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         hidden_1, _ = encode_clip(self.text_encoder, self.tokenizer, captions, layer=-2, final_norm=False)
@@ -95,21 +74,6 @@ class StableDiffusionXLModel:
         return {"encoder_hidden_states": hidden,
                 "added_cond_kwargs": {"text_embeds": text["text_embeds"], "time_ids": time_ids}}
 
-    def text_token_counts(self, captions: list[str]) -> tuple[list[int], int]:
-        ids = self.tokenizer(captions, truncation=False, padding=False).input_ids
-        return [len(i) for i in ids], self.tokenizer.model_max_length
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents of pixels in [-1, 1]; the mean without a generator. The VAE runs in its own dtype
-        (SDXL's VAE overflows in fp16: keep it fp32 or bf16, kohya's "no half VAE")."""
-        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
-        latents = dist.mean if generator is None else dist.sample(generator=generator)
-        return latents.float() * self.vae.config.scaling_factor
-
-    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        return self.unet(noisy, t, **cond).sample
-
     def pipeline(self, sampler: str = "euler") -> StableDiffusionXLPipeline:
         pipe = StableDiffusionXLPipeline(
             vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
@@ -122,13 +86,6 @@ class StableDiffusionXLModel:
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {}  # the penultimate layers, as trained
-
-    def save_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> None:
-        pipe = self.pipeline("euler")
-        pipe.scheduler = self.noise_scheduler
-        if dtype != torch.float32:
-            pipe = copy.deepcopy(pipe).to(dtype=dtype)  # convert copies, never the live training modules
-        pipe.save_pretrained(str(path), safe_serialization=True)
 
     def save_single_file(self, path: Path, dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> None:
         """The SGM layout A1111/Forge/ComfyUI load: `model.diffusion_model.`, `first_stage_model.`,
@@ -165,12 +122,3 @@ class StableDiffusionXLModel:
     def lora_metadata(self) -> dict[str, str]:
         return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False",
                 "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "family": self.family,
-            "prediction_type": self.prediction_type,
-            "source": self.source,
-            **{f"{role}_parameters": count_parameters(module) for role, module in self.parts.items()},
-            "vae_scale_factor": self.vae_scale_factor,
-        }

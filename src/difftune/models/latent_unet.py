@@ -1,0 +1,73 @@
+"""What every latent-UNet family (SD 1.x/2.x, SDXL) does the same way, written once.
+
+The adapters (`models/sd/adapter.py`, `models/sdxl/adapter.py`) are dataclasses of their components
+(`unet`, `vae`, `tokenizer`, `noise_scheduler`, `family`, `source`, ...) that inherit these methods and
+add their own text encoding, conditioning, pipeline and file layouts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune.models.base import count_parameters
+from difftune.models.objectives import DDPMObjective
+
+
+class LatentUNetModel:
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def notes(self) -> list[str]:
+        return []
+
+    def make_objective(self, min_snr_gamma: float | None = None) -> DDPMObjective:
+        return DDPMObjective(self.noise_scheduler, min_snr_gamma)
+
+    def text_token_counts(self, captions: list[str]) -> tuple[list[int], int]:
+        ids = self.tokenizer(captions, truncation=False, padding=False).input_ids
+        return [len(i) for i in ids], self.tokenizer.model_max_length
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents of pixels in [-1, 1]; the distribution's mean without a generator (deterministic).
+        The VAE runs in its own dtype (kept fp32 where its config asks, see Trainer._place_modules)."""
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        latents = dist.mean if generator is None else dist.sample(generator=generator)
+        return latents.float() * self.vae.config.scaling_factor
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        return self.unet(noisy, t, **cond).sample
+
+    def save_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> None:
+        pipe = self.pipeline("euler")
+        pipe.scheduler = self.noise_scheduler  # the training schedule, as the folder was loaded
+        if dtype != torch.float32:
+            pipe = copy.deepcopy(pipe).to(dtype=dtype)  # convert copies, never the live training modules
+        pipe.save_pretrained(str(path), safe_serialization=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "prediction_type": self.prediction_type,
+            "source": self.source,
+            **{f"{role}_parameters": count_parameters(module) for role, module in self.parts.items()},
+            "vae_scale_factor": self.vae_scale_factor,
+        }

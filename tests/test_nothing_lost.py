@@ -393,3 +393,41 @@ def test_a_full_disk_is_recognised_however_the_writer_reports_it(tmp_path):
                                      "writing file data/3: file write failed, No space left on device"), tmp_path)
     assert not is_disk_full(RuntimeError("PytorchStreamWriter failed writing file data/3"), tmp_path)  # space left
     assert not is_disk_full(ValueError("shape mismatch"), tmp_path)
+
+
+def test_a_forked_data_worker_does_not_keep_the_run_directory_locked(tmp_path):
+    """A DataLoader worker inherits the lock's descriptor; it closes its copy, so the lock goes with the
+    trainer (a worker that outlives a kill -9 by a few seconds would otherwise block the resume)."""
+    import multiprocessing
+
+    from difftune.training import run_lock
+
+    lock = lock_run_dir(tmp_path / "run")
+    fd = run_lock._held[(tmp_path / "run").resolve()].fd
+    context = multiprocessing.get_context("fork")
+    result = context.Queue()
+
+    def child():
+        run_lock.close_inherited_locks(0)
+        try:
+            os.fstat(fd)
+            result.put("open")
+        except OSError:
+            result.put("closed")
+
+    worker = context.Process(target=child)
+    worker.start()
+    worker.join(30)
+    assert result.get(timeout=10) == "closed"
+    os.fstat(fd)  # the parent still holds its lock
+    lock.release()
+
+
+def test_loader_workers_train_the_same_and_release_the_lock(quick_config, tmp_path):
+    losses = []
+    for workers in (0, 1):
+        config = quick_config(train={"max_steps": 3}, data={"num_workers": workers},
+                              output={"dir": str(tmp_path / f"w{workers}")})
+        losses.append(train(config, show_progress=False)["final_val_loss"])
+        assert not (tmp_path / f"w{workers}" / LOCK_FILE).exists()
+    assert losses[0] == losses[1]

@@ -100,8 +100,11 @@ class TrainBatches:
             for batch_keys in batched:
                 yield collate([self.dataset[k] for k in batch_keys])
             return
+        from difftune.training.run_lock import close_inherited_locks
+
         loader = DataLoader(
-            _KeyBatchDataset(self.dataset, batched), batch_size=None, num_workers=self.num_workers, shuffle=False
+            _KeyBatchDataset(self.dataset, batched), batch_size=None, num_workers=self.num_workers, shuffle=False,
+            worker_init_fn=close_inherited_locks,  # workers must not keep the run directory locked
         )
         yield from loader
 

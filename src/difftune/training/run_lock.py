@@ -151,3 +151,15 @@ def _describe(holder: dict) -> str:
         return "PID unknown"
     return (f"PID {holder.get('pid')} on {holder.get('host')}, `difftune {holder.get('command')}` "
             f"started {holder.get('started')}")
+
+
+def close_inherited_locks(_worker_id: int | None = None) -> None:
+    """In a forked child (a DataLoader worker), drop its copies of the lock descriptors: a lock is only
+    released when every copy is closed, so a worker that outlives a killed trainer for a few seconds
+    would otherwise keep the run directory locked. The parent's lock stays held."""
+    for hold in _held.values():
+        try:
+            os.close(hold.fd)
+        except OSError:
+            pass
+    _held.clear()

@@ -30,7 +30,7 @@ from safetensors.torch import save, save_file
 
 from difftune.checkpoint.atomic import atomic_path
 from difftune.errors import LoraFormatError  # noqa: F401  (re-exported for callers)
-from difftune.models.registry import family_of_lora_keys, lora_key_prefixes
+from difftune.models.registry import lora_key_prefixes
 
 KOHYA_PREFIXES = lora_key_prefixes("kohya")
 """Every registered family's kohya-layout key prefixes (lora_unet_, lora_te_, ...)."""
@@ -140,11 +140,6 @@ def split_key(key: str) -> tuple[str, str]:
     """`lora_unet_x_y.lora_down.weight` → (`lora_unet_x_y`, `lora_down.weight`)."""
     module, _, tensor = key.partition(".")
     return module, tensor
-
-
-def guess_family(keys: Iterable[str]) -> str:
-    """The family a LoRA file is for, from its keys (models/registry.py: each family's marks)."""
-    return family_of_lora_keys(keys)
 
 
 # ----------------------------------------------------------------------------------------- layouts

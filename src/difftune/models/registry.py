@@ -200,11 +200,10 @@ def describe_unknown_file(keys: list[str]) -> str:
 def trained_roles(config) -> list[str]:
     """Roles a config trains (a Config): the denoiser and the text encoders train.train_text_encoder
     selects among those the model's family has (read from the registry, no model loaded)."""
-    from difftune.optim.scaling import trains_text_encoder
+    from difftune.optim.scaling import roles_to_train
 
     try:
         encoders = family_for(config.model).text_encoders
     except ModelLoadError:
         encoders = ("text_encoder",)  # doctor reports the model problem itself
-    roles = ["denoiser"] if config.train.train_unet else []
-    return roles + [role for role in encoders if trains_text_encoder(config.train, role)]
+    return roles_to_train(config.train, encoders)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from difftune.config.schema import Config
-from difftune.models.base import DENOISER, DiffusionModel
+from difftune.models.base import DiffusionModel
 
 
 class TrainableNetwork(Protocol):
@@ -47,10 +47,9 @@ class TrainableNetwork(Protocol):
 
 def roles_to_train(model: DiffusionModel, config: Config) -> list[str]:
     """The denoiser (train.train_unet) and the text encoders train.train_text_encoder selects."""
-    from difftune.optim.scaling import trains_text_encoder
+    from difftune.optim.scaling import roles_to_train as select
 
-    roles = [DENOISER] if config.train.train_unet else []
-    return roles + [role for role in model.text_encoder_roles if trains_text_encoder(config.train, role)]
+    return select(config.train, model.text_encoder_roles)
 
 
 def build_network(model: DiffusionModel, config: Config) -> TrainableNetwork:

@@ -505,14 +505,13 @@ def load_lora_file(model: DiffusionModel, path: str | Path, multiplier: float = 
     through LyCORIS's detection of the algorithm from the tensor names.
     """
     tensors, metadata = formats.read_as_kohya(path, formats.module_table(model))
-    tensors = to_lycoris_names(model, tensors)
     roles = [role for role, prefix in model.kohya_prefixes.items() if any(k.startswith(prefix + "_") for k in tensors)]
     if "difftune_network" in metadata:
         settings = NetworkSettings.from_dict(json.loads(metadata["difftune_network"]))
         network = LoraFamilyNetwork.build(model, settings, roles, attach=False, multiplier=multiplier)
-        network.load_export_tensors(tensors, source=str(path))
+        network.load_export_tensors(tensors, source=str(path))  # renames file names to LyCORIS's itself
     else:
-        network = _foreign(model, tensors, multiplier, str(path))
+        network = _foreign(model, to_lycoris_names(model, tensors), multiplier, str(path))
     network.net.requires_grad_(False)
     network.net.eval()
     if attach:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from difftune.checkpoint import lora_formats as formats
+from difftune.models.registry import family_of_lora_keys
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,7 +40,7 @@ def convert_file(source: str | Path, target: str | Path, to: str, model_path: st
 def _table(model_path: str | None, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """Layer names of `model_path`'s architecture, or of the shipped ones of the family the keys show."""
     if model_path is None:
-        return formats.reference_module_table(formats.guess_family(tensors))
+        return formats.reference_module_table(family_of_lora_keys(tensors))
     from difftune.config.schema import ModelConfig
     from difftune.models import load_model, weightless_model
 

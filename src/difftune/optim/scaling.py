@@ -29,6 +29,12 @@ def effective_lrs(train) -> dict[str, float]:
     return {"denoiser": train.lr * factor, "text_encoder": te * factor, "text_encoder_2": te2 * factor}
 
 
+def roles_to_train(train, text_encoder_roles) -> list[str]:
+    """The denoiser (train.train_unet) and those of `text_encoder_roles` train.train_text_encoder selects."""
+    roles = ["denoiser"] if train.train_unet else []
+    return roles + [role for role in text_encoder_roles if trains_text_encoder(train, role)]
+
+
 def trains_text_encoder(train, role: str) -> bool:
     """Whether train.train_text_encoder (true, false or a list of roles) trains `role`."""
     wanted = train.train_text_encoder

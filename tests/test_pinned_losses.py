@@ -212,7 +212,7 @@ def micro_batch_draw(trainer: Trainer, batch, step: int = 0, micro: int = 0, noi
 def micro_batch_losses(trainer: Trainer, batch, step: int = 0, micro: int = 0, noise_offset: float = 0.0,
                        min_snr_gamma: float | None = None) -> list[float]:
     latents, conditioning, noise, timesteps = micro_batch_draw(trainer, batch, step, micro, noise_offset)
-    objective = trainer.model.make_objective(min_snr_gamma)
+    objective = trainer.model.make_objective(trainer.config.train.model_copy(update={"min_snr_gamma": min_snr_gamma}))
     with trainer.accelerator.autocast():
         loss = per_sample_loss(trainer.model, objective, latents, conditioning, noise, timesteps)
     return loss.detach().tolist()

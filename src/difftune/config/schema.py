@@ -65,6 +65,23 @@ class ModelConfig(Section):
     )
     vae_path: str | None = Field(None, description="Optional replacement VAE (diffusers folder or single file).")
     clip_skip: int = Field(1, ge=1, le=12, description="Use the output of the N-th last text encoder layer (kohya clip_skip).")
+    text_encoder_path: str | None = Field(
+        None, description="The first text encoder (Flux/SD3: CLIP-L) as a folder or a single .safetensors, for a "
+        "transformer-only checkpoint (a BFL/ComfyUI Flux file).")
+    text_encoder_2_path: str | None = Field(
+        None, description="The second text encoder (Flux: T5-XXL; SD3: CLIP-G) as a folder or a single .safetensors.")
+    text_encoder_3_path: str | None = Field(None, description="SD3's T5-XXL as a folder or a single .safetensors.")
+    tokenizer_path: str | None = Field(
+        None, description="Folder of the T5 tokenizer (spiece.model or tokenizer.json), needed when the T5 encoder "
+        "is given as a single file: it cannot be built offline.")
+    use_t5: bool = Field(True, description="SD3/3.5: use the T5-XXL encoder; false trains and samples without it "
+                         "(its part of the text embedding is zeros, as diffusers' pipeline does).")
+    base_precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = Field(
+        "auto", description="Storage dtype of the frozen base weights: auto follows train.mixed_precision (fp32 on "
+        "the CPU); fp8 stores them as float8 e4m3 and computes each layer in the autocast dtype (kohya fp8_base).")
+    vae_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="VAE dtype: auto = base precision, fp32 where the VAE's config asks (kohya's no_half_vae "
+        "is fp32).")
 
 
 class DataConfig(Section):
@@ -80,6 +97,12 @@ class DataConfig(Section):
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags of a caption every time it is used.")
     keep_tokens: int = Field(0, ge=0, description="With shuffle_tags, keep the first N tags in place.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 loads in the main process).")
+    cache_text_embeddings: bool | Literal["auto"] = Field(
+        "auto", description="Encode every caption once and train from the stored text embeddings (the text "
+        "encoders must be frozen; caption dropout uses a cached empty caption). auto: on for Flux and SD3, whose "
+        "T5-XXL is 9 GB in bf16, when nothing forbids it.")
+    offload_encoders: bool = Field(True, description="With cached text embeddings, keep the frozen text encoders "
+                                   "on the CPU (they come to the device only to encode new text, e.g. samples).")
 
     @field_validator("train_dir", "val_dir")
     @classmethod
@@ -200,11 +223,27 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet and text encoder.")
     clip_grad_norm: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value.")
     train_unet: bool = Field(True, description="Train the denoiser (the UNet).")
-    train_text_encoder: bool | list[Literal["text_encoder", "text_encoder_2"]] = Field(
+    train_text_encoder: bool | list[Literal["text_encoder", "text_encoder_2", "text_encoder_3"]] = Field(
         False, description="Train the text encoder(s): true trains every one the model has, or name them, e.g. "
         "[\"text_encoder\"] to train only SDXL's first (CLIP ViT-L) encoder.")
     noise_offset: float = Field(0.0, ge=0.0, description="Offset noise strength (0 disables).")
     min_snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting gamma (e.g. 5); off when unset.")
+    timestep_sampling: Literal["auto", "uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift"] = Field(
+        "auto", description="Flow-matching models: how σ is drawn (kohya's names). auto: flux_shift for Flux, "
+        "logit_normal for SD3. See docs/flow_matching.md.")
+    logit_mean: float = Field(0.0, description="Mean of the normal behind logit_normal sampling.")
+    logit_std: float = Field(1.0, gt=0.0, description="Std of the normal behind logit_normal sampling.")
+    mode_scale: float = Field(1.29, ge=0.0, lt=1.75, description="Scale of mode sampling (SD3 paper; 0 = uniform).")
+    sigmoid_scale: float = Field(1.0, gt=0.0, description="Scale of the normal behind sigmoid, shift and flux_shift.")
+    discrete_flow_shift: float | None = Field(
+        None, gt=0.0, description="Static shift of σ for timestep_sampling = shift (kohya: 3.0 for SD3, 3.1582 "
+        "suggested for Flux); default: the model's scheduler shift.")
+    weighting_scheme: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="Flow-matching loss weighting (diffusers' and kohya's names).")
+    guidance_scale: float = Field(1.0, ge=0.0, description="Flux.1-dev: the distilled guidance the transformer is "
+                                  "given while training (1.0 as kohya and diffusers train); ignored by schnell.")
+    blocks_to_swap: int = Field(0, ge=0, description="Keep this many transformer blocks on the CPU and move each "
+                                "in for its forward and backward (kohya/musubi block swap); GPU only.")
     lr_from: str | None = Field(
         None,
         description="A find-lr result (find_lr.json): sets lr from its recommendation, or for lr_scheduler = 'cyclic' "

@@ -50,7 +50,9 @@ class DiffusionModel(Protocol):
     @property
     def device(self) -> torch.device: ...
 
-    def make_objective(self, min_snr_gamma: float | None = None) -> Objective: ...
+    def make_objective(self, train=None) -> Objective:
+        """The family's objective with the loss settings of `train` (a TrainConfig; None: defaults)."""
+        ...
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels in [-1, 1] → latents as the denoiser sees them; the mean when no generator is given."""

@@ -38,8 +38,19 @@ class LatentUNetModel:
     def notes(self) -> list[str]:
         return []
 
-    def make_objective(self, min_snr_gamma: float | None = None) -> DDPMObjective:
-        return DDPMObjective(self.noise_scheduler, min_snr_gamma)
+    def make_objective(self, train=None) -> DDPMObjective:
+        """DDPM over the model's noise schedule; `train` (a TrainConfig) gives Min-SNR. The flow-matching
+        settings do not apply to these models: setting one is an error rather than silently ignored."""
+        if train is None:
+            return DDPMObjective(self.noise_scheduler)
+        flow_only = {"timestep_sampling": "auto", "weighting_scheme": "none"}
+        for key, default in flow_only.items():
+            if getattr(train, key) != default:
+                from difftune.errors import ConfigError
+
+                raise ConfigError(f"train.{key} = {getattr(train, key)!r} is for flow-matching models (Flux, SD3); "
+                                  f"{self.family} is a DDPM model: use train.min_snr_gamma instead, or remove it")
+        return DDPMObjective(self.noise_scheduler, train.min_snr_gamma)
 
     def text_token_counts(self, captions: list[str]) -> tuple[list[int], int]:
         ids = self.tokenizer(captions, truncation=False, padding=False).input_ids

@@ -1,9 +1,9 @@
 """Diffusion objectives: how a family turns clean latents into a training example and a target.
 
 The training step, validation and the tuners only call these methods, so a family with another
-objective (flow matching, next) plugs in without touching them:
+objective (DDPM for the UNets, rectified flow for the transformers) plugs in without touching them:
 
-    t      = objective.sample_t(n, generator)        # the training draw
+    t      = objective.sample_t(n, generator, latent_hw)   # the training draw
     noisy  = objective.noisy(x0, noise, t)
     loss   = objective.weight(t) * mse(predict(noisy, t), objective.target(x0, noise, t))
 
@@ -15,6 +15,7 @@ normalisation of the LR finder.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -24,17 +25,18 @@ import torch
 @runtime_checkable
 class Objective(Protocol):
     prediction_type: str
-    """What the denoiser predicts: "epsilon", "v_prediction" (later: "flow")."""
+    """What the denoiser predicts: "epsilon", "v_prediction", "flow" (the velocity noise − x0)."""
 
-    def sample_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Training timesteps for n samples, drawn from `generator` on the CPU."""
+    def sample_t(self, n: int, generator: torch.Generator, latent_hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """Training timesteps for n samples, drawn from `generator` on the CPU. `latent_hw` is the latent
+        size of the batch, for distributions that depend on the resolution (Flux's shift)."""
         ...
 
-    def probe_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def probe_t(self, n: int, generator: torch.Generator, latent_hw: tuple[int, int] | None = None) -> torch.Tensor:
         """n timesteps at evenly spaced quantiles of the training distribution, in a seeded order."""
         ...
 
-    def level(self, t: torch.Tensor) -> torch.Tensor:
+    def level(self, t: torch.Tensor, latent_hw: tuple[int, int] | None = None) -> torch.Tensor:
         """Position of each timestep in the training distribution (0 = least noise), float64 in [0, 1)."""
         ...
 
@@ -63,15 +65,15 @@ class DDPMObjective:
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
-    def sample_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_t(self, n: int, generator: torch.Generator, latent_hw=None) -> torch.Tensor:
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
 
-    def probe_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def probe_t(self, n: int, generator: torch.Generator, latent_hw=None) -> torch.Tensor:
         order = torch.randperm(n, generator=generator)
         centers = ((order.double() + 0.5) * self.num_train_timesteps / n).floor().long()
         return centers.clamp_(0, self.num_train_timesteps - 1)
 
-    def level(self, t: torch.Tensor) -> torch.Tensor:
+    def level(self, t: torch.Tensor, latent_hw=None) -> torch.Tensor:
         return t.double() / self.num_train_timesteps  # uniform draw: the CDF is t / T
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -95,3 +97,161 @@ class DDPMObjective:
         clipped = torch.clamp(snr, max=self.min_snr_gamma)
         denominator = snr + 1.0 if self.prediction_type == "v_prediction" else snr
         return clipped / denominator
+
+
+TIMESTEP_SAMPLERS = ("uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift")
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
+
+
+@dataclass
+class FlowMatchObjective:
+    """Rectified flow (SD3, Flux.1): x_σ = (1 − σ)·x0 + σ·noise, the model predicts the velocity noise − x0.
+
+    `t` here is σ itself, in (0, 1), float32; each family scales it for its transformer (Flux takes σ,
+    SD3 takes 1000·σ). A draw is u from a base distribution on (0, 1), then a monotone shift to σ:
+
+        uniform       u ~ U(0, 1)                                 then the model's shift
+        sigmoid       u = sigmoid(sigmoid_scale · N(0, 1))        then the model's shift
+        logit_normal  u = sigmoid(N(logit_mean, logit_std))       then the model's shift
+        mode          u = f(U), f(u) = 1 − u − s·(cos²(πu/2) − 1 + u)   (SD3 paper, s = mode_scale)
+        shift         u as sigmoid, then the static shift discrete_flow_shift
+        flux_shift    u as sigmoid, then Flux's resolution-dependent shift: μ linear in the image's
+                      token count (256 → 0.5, 4096 → 1.15), σ = e^μ / (e^μ + 1/u − 1)
+
+    with shift_s(u) = s·u / (1 + (s − 1)·u) (s = 1 leaves u as it is). Every step of the chain is
+    monotone, so the probe's quantiles are the base distribution's quantiles pushed through it, and
+    `level` (the CDF) runs the chain backwards. These follow kohya sd-scripts' `timestep_sampling` and
+    diffusers' `compute_density_for_timestep_sampling` / `compute_loss_weighting_for_sd3`.
+    """
+
+    sampling: str = "logit_normal"
+    shift: float = 1.0
+    """The model's scheduler shift (SD3: 3.0; Flux: 1.0, its shift is the resolution-dependent one)."""
+    discrete_flow_shift: float | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sigmoid_scale: float = 1.0
+    weighting_scheme: str = "none"
+    patch_size: int = 2
+    """Latent pixels per token side, for flux_shift's token count."""
+
+    prediction_type = "flow"
+
+    def __post_init__(self):
+        if self.sampling not in TIMESTEP_SAMPLERS:
+            raise ValueError(f"timestep_sampling {self.sampling!r}: expected one of {', '.join(TIMESTEP_SAMPLERS)}")
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"weighting_scheme {self.weighting_scheme!r}: expected one of {', '.join(WEIGHTING_SCHEMES)}")
+
+    # -------------------------------------------------------------- the chain u → σ and back
+    def _base_from_quantile(self, q: torch.Tensor) -> torch.Tensor:
+        """u at CDF value q of the base distribution (float64)."""
+        if self.sampling == "uniform":
+            return q
+        if self.sampling == "mode":
+            return _mode_transform(1.0 - q, self.mode_scale)  # f decreases: its q-quantile is f(1 − q)
+        mean, std = (self.logit_mean, self.logit_std) if self.sampling == "logit_normal" else (0.0, self.sigmoid_scale)
+        return torch.sigmoid(mean + std * math.sqrt(2.0) * torch.erfinv(2.0 * q - 1.0))
+
+    def _quantile_from_base(self, u: torch.Tensor) -> torch.Tensor:
+        if self.sampling == "uniform":
+            return u
+        if self.sampling == "mode":
+            return 1.0 - _inverse_mode_transform(u, self.mode_scale)
+        mean, std = (self.logit_mean, self.logit_std) if self.sampling == "logit_normal" else (0.0, self.sigmoid_scale)
+        z = (torch.logit(u) - mean) / std
+        return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+
+    def _exp_mu(self, latent_hw: tuple[int, int] | None) -> float:
+        """The shift factor of the chain's last step: e^μ for flux_shift, s for the static shifts."""
+        if self.sampling == "flux_shift":
+            if latent_hw is None:
+                raise ValueError("flux_shift needs the batch's latent size")
+            tokens = (latent_hw[0] // self.patch_size) * (latent_hw[1] // self.patch_size)
+            return math.exp(flux_mu(tokens))
+        if self.sampling == "shift":
+            return self.discrete_flow_shift if self.discrete_flow_shift is not None else self.shift
+        return self.shift
+
+    def sigma_from_base(self, u: torch.Tensor, latent_hw=None) -> torch.Tensor:
+        s = self._exp_mu(latent_hw)
+        return s * u / (1.0 + (s - 1.0) * u)  # = e^μ / (e^μ + 1/u − 1) for flux_shift
+
+    def base_from_sigma(self, sigma: torch.Tensor, latent_hw=None) -> torch.Tensor:
+        s = self._exp_mu(latent_hw)
+        return sigma / (s - (s - 1.0) * sigma)
+
+    # -------------------------------------------------------------------------- the protocol
+    def sample_t(self, n: int, generator: torch.Generator, latent_hw=None) -> torch.Tensor:
+        if self.sampling in ("uniform", "mode"):
+            u = torch.rand(n, generator=generator, dtype=torch.float64)
+            if self.sampling == "mode":
+                u = _mode_transform(u, self.mode_scale)
+        else:
+            mean, std = (self.logit_mean, self.logit_std) if self.sampling == "logit_normal" else (0.0, self.sigmoid_scale)
+            u = torch.sigmoid(mean + std * torch.randn(n, generator=generator, dtype=torch.float64))
+        return self.sigma_from_base(u, latent_hw).float().clamp_(SIGMA_EPS, 1.0 - SIGMA_EPS)
+
+    def probe_t(self, n: int, generator: torch.Generator, latent_hw=None) -> torch.Tensor:
+        order = torch.randperm(n, generator=generator)
+        q = (order.double() + 0.5) / n
+        return self.sigma_from_base(self._base_from_quantile(q), latent_hw).float()
+
+    def level(self, t: torch.Tensor, latent_hw=None) -> torch.Tensor:
+        u = self.base_from_sigma(t.double().cpu().clamp(SIGMA_EPS, 1.0 - SIGMA_EPS), latent_hw)
+        return self._quantile_from_base(u).clamp_(0.0, 1.0 - 1e-12)
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = _per_sample(t, x0)
+        return (1.0 - sigma) * x0 + sigma * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise - x0
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        sigma = t.float()
+        if self.weighting_scheme == "sigma_sqrt":
+            return sigma.pow(-2.0)
+        if self.weighting_scheme == "cosmap":
+            return 2.0 / (math.pi * (1.0 - 2.0 * sigma + 2.0 * sigma**2))
+        return torch.ones_like(sigma)
+
+
+SIGMA_EPS = 1e-5
+"""σ is kept inside (0, 1): at 0 the target is all signal and sigma_sqrt's weight is infinite."""
+
+
+def flux_mu(image_tokens: int, base_tokens: int = 256, max_tokens: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent shift exponent (its pipeline's `calculate_shift`, scheduler defaults)."""
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return base_shift + slope * (image_tokens - base_tokens)
+
+
+def _mode_transform(u: torch.Tensor, scale: float) -> torch.Tensor:
+    return 1.0 - u - scale * (torch.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
+
+
+def _inverse_mode_transform(y: torch.Tensor, scale: float) -> torch.Tensor:
+    """u with f(u) = y; f falls monotonically from 1 to 0 for scale < 1.75 (bisection, to float64 precision)."""
+    lo, hi = torch.zeros_like(y), torch.ones_like(y)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        above = _mode_transform(mid, scale) > y
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return (lo + hi) / 2
+
+
+def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def make_flow_objective(train, shift: float, default_sampling: str, patch_size: int = 2) -> FlowMatchObjective:
+    """The objective a TrainConfig asks for on a flow-matching family with this scheduler shift."""
+    sampling = default_sampling if train.timestep_sampling == "auto" else train.timestep_sampling
+    return FlowMatchObjective(
+        sampling=sampling, shift=shift, discrete_flow_shift=train.discrete_flow_shift, logit_mean=train.logit_mean,
+        logit_std=train.logit_std, mode_scale=train.mode_scale, sigmoid_scale=train.sigmoid_scale,
+        weighting_scheme=train.weighting_scheme, patch_size=patch_size,
+    )

@@ -71,8 +71,30 @@ register(Family(
                 "lora_unet_middle_block_", "transformer_blocks_1_", "transformer_blocks.1."),
 ))
 
+register(Family(
+    name="flux", variants=("flux-dev", "flux-schnell"), builtins=("tiny-flux", "tiny-flux-schnell"),
+    module="difftune.models.flux",
+    pipelines=frozenset({"FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"}),
+    text_encoders=("text_encoder", "text_encoder_2"),  # CLIP-L (pooled), T5-XXL (sequence)
+    kohya_prefixes={"denoiser": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
+    diffusers_prefixes={"denoiser": "transformer", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"},
+    lora_marks=("lora_unet_double_blocks_", "lora_unet_single_blocks_", "single_transformer_blocks.",
+                "lora_transformer_single_transformer_blocks_", "lora_transformer_transformer_blocks_"),
+))
+register(Family(
+    name="sd3", variants=("sd3", "sd3.5-medium", "sd3.5-large"), builtins=("tiny-sd3",), module="difftune.models.sd3",
+    pipelines=frozenset({"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
+                         "StableDiffusion3InpaintPipeline"}),
+    text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),  # CLIP-L, CLIP-G, T5-XXL
+    kohya_prefixes={"denoiser": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2",
+                    "text_encoder_3": "lora_te3"},
+    diffusers_prefixes={"denoiser": "transformer", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2",
+                        "text_encoder_3": "text_encoder_3"},
+    lora_marks=("lora_unet_joint_blocks_", "transformer.transformer_blocks.", "lora_transformer_transformer_blocks_"),
+))
+
 NOT_YET = {
-    "StableDiffusion3Pipeline": "SD3/3.5", "FluxPipeline": "Flux.1", "PixArtSigmaPipeline": "PixArt",
+    "PixArtSigmaPipeline": "PixArt",
     "StableCascadePriorPipeline": "Stable Cascade", "AuraFlowPipeline": "AuraFlow", "HunyuanDiTPipeline": "HunyuanDiT",
 }
 """Pipelines people may point difftune at that it does not train yet (a clear refusal, not a traceback)."""
@@ -88,9 +110,12 @@ def lora_key_prefixes(layout: str) -> tuple[str, ...]:
 
 
 def family_of_lora_keys(keys) -> str:
-    """The family whose LoRA files carry these keys (a family without marks is the fallback)."""
+    """The family whose LoRA files carry these keys (a family without marks is the fallback).
+
+    Families registered later are asked first: their marks are the more specific ones (a Flux or SD3
+    LoRA's `transformer.transformer_blocks.1.` also holds SDXL's `transformer_blocks.1.`)."""
     keys = list(keys)
-    for family in FAMILIES.values():
+    for family in reversed(FAMILIES.values()):
         if family.lora_marks and any(mark in key for key in keys for mark in family.lora_marks):
             return family.name
     return next(f.name for f in FAMILIES.values() if not f.lora_marks)
@@ -180,8 +205,7 @@ def single_file_keys(path: Path) -> list[str]:
 
 
 OTHER_ARCHITECTURES = {
-    "text_encoders.clip_g.": "an SD3/3.5 checkpoint", "joint_blocks.": "an SD3/3.5 checkpoint",
-    "double_blocks.": "a Flux checkpoint", "model.diffusion_model.double_blocks.": "a Flux checkpoint",
+    "double_layers.": "an AuraFlow checkpoint",
 }
 
 
@@ -192,9 +216,10 @@ def describe_unknown_file(keys: list[str]) -> str:
             return f"this is {what}, which difftune does not train yet"
     if keys and all(k.startswith(("lora_", "unet.", "text_encoder", "transformer.")) for k in keys[:200]):
         return "this looks like a LoRA file; a LoRA goes in network.init_from (or `difftune sample --lora`)"
-    return ("not a checkpoint of a family difftune knows (no SD 1.x/2.x or SDXL UNet keys such as "
-            "'model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight'); a diffusers model "
-            "is a folder with model_index.json")
+    return ("not a checkpoint of a family difftune knows (SD 1.x/2.x and SDXL files have UNet keys such as "
+            "'model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight', Flux files "
+            "'double_blocks.0.img_attn.qkv.weight', SD3 files 'joint_blocks.0.x_block.attn.qkv.weight'); a diffusers "
+            "model is a folder with model_index.json")
 
 
 def trained_roles(config) -> list[str]:

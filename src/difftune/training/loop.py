@@ -82,7 +82,7 @@ class Trainer:
 
     def _build(self, config: Config, resuming: bool, lr_multiplier) -> None:
         self.model = load_model(config.model)
-        self.objective = self.model.make_objective(config.train.min_snr_gamma)
+        self.objective = self.model.make_objective(config.train)
         self.network = build_network(self.model, config)
         self._place_modules()
         train = config.train

@@ -59,7 +59,7 @@ def batch_loss(model: DiffusionModel, objective: Objective, batch: Batch, genera
             text = model.encode_text(batch.captions)
         cond = model.condition(text, batch)
         noise = draw_noise(latents, generator, noise_offset)
-        t = objective.sample_t(latents.shape[0], generator).to(latents.device)
+        t = objective.sample_t(latents.shape[0], generator, tuple(latents.shape[-2:])).to(latents.device)
         return per_sample_loss(model, objective, latents, cond, noise, t).mean()
 
 

@@ -85,7 +85,7 @@ class FixedProbe:
         self._meta.pixels = None  # the probe keeps latents; the metadata is what conditioning reads
         generator = torch.Generator().manual_seed(self.seed)
         self._noise = torch.randn(self._latents.shape, generator=generator)
-        self._timesteps = objective.probe_t(self.num_items, generator)
+        self._timesteps = objective.probe_t(self.num_items, generator, tuple(self._latents.shape[-2:]))
 
     @torch.no_grad()
     def evaluate(self, model: DiffusionModel, objective: Objective, autocast=None) -> ProbeResult:
@@ -112,6 +112,6 @@ class FixedProbe:
                 m.train(training)
         item_losses = torch.cat(losses).numpy()
         timesteps = self._timesteps.numpy()
-        levels = objective.level(self._timesteps).numpy()
+        levels = objective.level(self._timesteps, tuple(self._latents.shape[-2:])).numpy()
         buckets = np.minimum((levels * self.num_buckets).astype(np.int64), self.num_buckets - 1)
         return ProbeResult(float(item_losses.mean()), item_losses, timesteps, buckets)

@@ -1,0 +1,108 @@
+"""What the flow-matching transformer families (Flux.1, SD3/3.5) do the same way, written once.
+
+The adapters (`models/flux/adapter.py`, `models/sd3/adapter.py`) are dataclasses of their components
+(`transformer`, `vae`, text encoders and tokenizers, `scheduler`, `family`, `source`, ...) that inherit
+these methods and add their text encoding, conditioning, prediction, pipeline and file layouts.
+
+Latents: the 16-channel VAE's mean (or a sample), shifted and scaled as the pipelines undo it,
+`(z − shift_factor) · scaling_factor`. The objective is rectified flow (models/objectives.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune.errors import ConfigError
+from difftune.models.base import count_parameters
+from difftune.models.objectives import FlowMatchObjective, make_flow_objective
+
+FLOW_SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler"}
+"""Samplers the flow-matching pipelines take (their schedulers are flow-matching ones)."""
+
+
+class FlowTransformerModel:
+    default_timestep_sampling = "logit_normal"
+    prediction_type = "flow"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return (getattr(self.transformer.config, "sample_size", None) or 128) * self.vae_scale_factor
+
+    @property
+    def scheduler_shift(self) -> float:
+        """The static shift of σ the model was trained with (SD3: 3.0); 1 when the scheduler shifts by
+        resolution instead (Flux: `use_dynamic_shifting`, which is timestep_sampling = flux_shift here)."""
+        config = self.scheduler.config
+        return 1.0 if config.get("use_dynamic_shifting", False) else float(config.get("shift", 1.0))
+
+    @property
+    def notes(self) -> list[str]:
+        return []
+
+    def denoiser_blocks(self) -> list[torch.nn.Module]:
+        """The transformer's blocks in forward order (block swap and gradient checkpointing act on them)."""
+        blocks = []
+        for name in ("transformer_blocks", "single_transformer_blocks"):
+            blocks += list(getattr(self.transformer, name, None) or [])
+        return blocks
+
+    def make_objective(self, train=None) -> FlowMatchObjective:
+        if train is None:
+            return FlowMatchObjective(sampling=self.default_timestep_sampling, shift=self.scheduler_shift)
+        if train.min_snr_gamma is not None:
+            raise ConfigError(f"train.min_snr_gamma is for DDPM models; {self.family} is trained with flow matching: "
+                              "use train.weighting_scheme (none, sigma_sqrt, cosmap) instead")
+        return make_flow_objective(train, self.scheduler_shift, self.default_timestep_sampling)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        latents = dist.mean if generator is None else dist.sample(generator=generator)
+        config = self.vae.config
+        return (latents.float() - (config.shift_factor or 0.0)) * config.scaling_factor
+
+    def text_token_counts(self, captions: list[str]) -> tuple[list[int], int]:
+        """Counted by the encoder that reads the most (T5 when present, else CLIP)."""
+        tokenizer, limit = self.longest_reading_tokenizer()
+        ids = tokenizer(captions, truncation=False, padding=False).input_ids
+        return [len(i) for i in ids], limit
+
+    def save_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> None:
+        pipe = self.pipeline("euler")
+        pipe.scheduler = self.scheduler  # the training scheduler config, as the folder was loaded
+        if dtype != torch.float32:
+            pipe = copy.deepcopy(pipe).to(dtype=dtype)  # convert copies, never the live training modules
+        pipe.save_pretrained(str(path), safe_serialization=True)
+
+    def sampling_scheduler(self, sampler: str):
+        import diffusers
+
+        if sampler not in FLOW_SAMPLERS:
+            raise ConfigError(f"sample.sampler = {sampler!r}: {self.family} is a flow-matching model; its samplers "
+                              f"are {', '.join(FLOW_SAMPLERS)}")
+        return getattr(diffusers, FLOW_SAMPLERS[sampler]).from_config(self.scheduler.config)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "prediction_type": self.prediction_type,
+            "source": self.source,
+            **{f"{role}_parameters": count_parameters(module) for role, module in self.parts.items()},
+            "vae_scale_factor": self.vae_scale_factor,
+        }

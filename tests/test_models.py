@@ -74,8 +74,8 @@ def test_bad_paths_give_actionable_errors(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ModelLoadError, match="no model_index.json"):
         load_model(ModelConfig(path=str(tmp_path / "folder")))
-    (tmp_path / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ModelLoadError, match="Flux.1 is not supported yet"):
+    (tmp_path / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+    with pytest.raises(ModelLoadError, match="PixArt is not supported yet"):
         load_model(ModelConfig(path=str(tmp_path / "folder")))
 
 

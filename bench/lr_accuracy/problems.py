@@ -192,6 +192,10 @@ def _shapes_lion(work: Path) -> dict[str, Any]:
     return _common(work / "data" / "shapes", work / "runs" / "shapes-lion", optimizer={"name": "lion"})
 
 
+def _flow_shapes(work: Path) -> dict[str, Any]:
+    return _common(work / "data" / "shapes", work / "runs" / "flow-shapes", model={"path": "tiny-flux"})
+
+
 PROBLEMS: dict[str, Problem] = {
     p.name: p
     for p in [
@@ -227,6 +231,13 @@ PROBLEMS: dict[str, Problem] = {
             "the tiny model (epsilon) on the 200 shapes with the Lion optimizer, batch 8",
             steps=200, grid=geometric_grid(1e-4, 2**0.5, 13), config=_shapes_lion, prepare=_prepare_shapes,
             find_lr={"start_lr": 1e-7, "end_lr": 1e-2},
+        ),
+        Problem(
+            "flow-shapes",
+            "held out (added with the flow-matching families, after the rule was fixed): full fine-tune of the "
+            "built-in tiny Flux-shaped transformer (rectified flow, flux_shift sampling) on the 200 shapes, batch 8",
+            steps=200, grid=geometric_grid(5e-4, 2**0.5, 13), config=_flow_shapes, prepare=_prepare_shapes,
+            find_lr={"start_lr": 1e-6, "end_lr": 1e-1},
         ),
     ]
 }

@@ -13,7 +13,7 @@ Reports whether each rule's LR lands in the good band, its regret, whether the b
 the grid optimum, and the sweep's cost as a fraction of the grid's. Results: bench/results/lr_accuracy.json
 and .png; a log in bench/work/.
 
-    python -m bench.lr_accuracy [--problems a,b] [--workers 2] [--analyse-only]
+    python -m bench.lr_accuracy [--problems a,b] [--workers 2] [--analyse-only] [--name lr_accuracy]
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(ROOT / "bench" / "work" / "lr_accuracy"))
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--analyse-only", action="store_true", help="no training: re-read cached runs")
+    parser.add_argument("--name", default="lr_accuracy", help="results file name (NAME.json / NAME.png), so a run of "
+                        "some problems does not replace the report of all of them")
     args = parser.parse_args(argv)
     _setup_process()  # the base pre-training runs here, in the main process
     work, results_dir = Path(args.work), Path(args.results)
@@ -131,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(problems, work, sweeps, grids, checks)
     report["divisor_scan"] = divisor_scan(report, scans)
     report["wall_seconds"] = time.perf_counter() - started
-    out_json = results_dir / "lr_accuracy.json"
+    out_json = results_dir / f"{args.name}.json"
     out_json.write_text(json.dumps(report, indent=2) + "\n")
-    plot_benchmark(report, results_dir / "lr_accuracy.png")
+    plot_benchmark(report, results_dir / f"{args.name}.png")
+    (results_dir / f"{args.name}.md").write_text(format_table(report) + "\n")
     print(format_table(report))
-    log(f"wrote {out_json} and {results_dir / 'lr_accuracy.png'} in {report['wall_seconds']:.0f}s")
+    log(f"wrote {out_json}, .md and .png in {report['wall_seconds']:.0f}s")
     return 0
 
 

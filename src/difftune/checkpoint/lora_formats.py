@@ -12,6 +12,10 @@ pairs; the other algorithms stay in the kohya layout.
 
 Converting between the two needs the dotted module path behind each kohya name (underscores are
 ambiguous); it comes from a model's own modules, or from the architectures difftune ships for the family.
+
+A family's kohya files may hold a network otherwise than LyCORIS names it (`file_layout`): SDXL's name
+UNet layers by SGM paths (a rename), Flux's fuse q, k and v into BFL's layers (tensors change). Every
+kohya-file write and read passes through that layout, so the rest works on LyCORIS's names.
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ KOHYA_PREFIXES = lora_key_prefixes("kohya")
 """Every registered family's kohya-layout key prefixes (lora_unet_, lora_te_, ...)."""
 TE_PREFIXES = tuple(p for p in KOHYA_PREFIXES if p.startswith("lora_te"))
 DIFFUSERS_PREFIXES = lora_key_prefixes("diffusers")
+SPLIT_LAYER_PREFIXES = ("lora_transformer_",)
+"""kohya-style names of a transformer's diffusers layers where the family's own layout fuses them (Flux:
+OneTrainer's layout, which ComfyUI maps onto slices of the fused weights); read through the family's layout."""
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_PAIR = ("lora_down.weight", "lora_up.weight")
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32"}
-
-
 
 
 # ------------------------------------------------------------------------------------------ names
@@ -79,6 +84,36 @@ def file_name(model, role: str, module_path: str) -> str:
     return (rename(role, module_path) if rename else None) or lycoris_name(model, role, module_path)
 
 
+class RenameLayout:
+    """A family whose kohya files differ from LyCORIS's layer names by name only (SDXL: SGM UNet paths;
+    SD 1.x/2.x: not at all)."""
+
+    def __init__(self, renames: dict[str, str]):
+        self.renames = renames
+
+    def to_file(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return rename_modules(tensors, self.renames)
+
+    def from_file(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return rename_modules(tensors, {theirs: ours for ours, theirs in self.renames.items()})
+
+
+def file_layout(model):
+    """How the family's kohya files hold a network's tensors, as an object with `to_file(tensors)` and
+    `from_file(tensors)` over LyCORIS-named tensors: the family's optional `kohya_file_layout` when its
+    files differ tensor by tensor (Flux fuses q, k and v into one layer), else renames by `kohya_file_name`.
+    Every write of a kohya-layout file goes through `to_file` and every read through `from_file`."""
+    layout = getattr(model, "kohya_file_layout", None)
+    return layout if layout is not None else RenameLayout(file_renames(model))
+
+
+class LayerTable(dict):
+    """kohya name → diffusers-layout key of every layer. With a tensor-level `layout` (see file_layout) the
+    names are LyCORIS's and conversions pass through the layout; otherwise they are the files' own names."""
+
+    layout = None
+
+
 def _layers(model):
     for role, root in lora_hosts(model).items():
         for path, module in root.named_modules():
@@ -86,9 +121,15 @@ def _layers(model):
                 yield role, path
 
 
-def module_table(model) -> dict[str, str]:
-    """kohya file name of every layer → its diffusers-layout key (`unet.<path>`, `text_encoder.text_model.<path>`)."""
-    return {file_name(model, role, path): f"{model.diffusers_prefixes[role]}.{path}" for role, path in _layers(model)}
+def module_table(model) -> LayerTable:
+    """kohya name of every layer → its diffusers-layout key (`unet.<path>`, `text_encoder.text_model.<path>`):
+    the file names, or LyCORIS's names for a family with a tensor-level file layout (then `table.layout`)."""
+    layout = getattr(model, "kohya_file_layout", None)
+    name = lycoris_name if layout is not None else file_name
+    table = LayerTable({name(model, role, path): f"{model.diffusers_prefixes[role]}.{path}"
+                        for role, path in _layers(model)})
+    table.layout = layout
+    return table
 
 
 def file_renames(model) -> dict[str, str]:
@@ -118,9 +159,11 @@ def reference_module_table(family: str) -> dict[str, str]:
     converting files when no model is given."""
     from difftune.models.registry import FAMILIES
 
-    table: dict[str, str] = {}
+    table = LayerTable()
     for model in FAMILIES[family].api("reference_models")():  # real architectures first: their names win
-        for name, key in module_table(model).items():
+        own = module_table(model)
+        table.layout = table.layout or own.layout
+        for name, key in own.items():
             table.setdefault(name, key)
     return table
 
@@ -147,7 +190,7 @@ def detect_layout(keys: Iterable[str], source: str = "file") -> str:
     keys = list(keys)
     if not keys:
         raise LoraFormatError(f"{source}: holds no tensors")
-    if all(k.startswith(KOHYA_PREFIXES) for k in keys):
+    if all(k.startswith(KOHYA_PREFIXES + SPLIT_LAYER_PREFIXES) for k in keys):
         return "kohya"
     if all(k.startswith(DIFFUSERS_PREFIXES) for k in keys):
         return "diffusers"
@@ -160,8 +203,11 @@ def detect_layout(keys: Iterable[str], source: str = "file") -> str:
 
 def kohya_to_diffusers(tensors: dict[str, torch.Tensor], table: dict[str, str]) -> dict[str, torch.Tensor]:
     """kohya LoRA tensors → diffusers/PEFT layout, alpha/rank folded into lora_B."""
+    tensors = normalise_kohya_keys(tensors)
+    if getattr(table, "layout", None) is not None:
+        tensors = table.layout.from_file(tensors)
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in normalise_kohya_keys(tensors).items():
+    for key, value in tensors.items():
         module, tensor = split_key(key)
         modules.setdefault(module, {})[tensor] = value
     out = {}
@@ -212,6 +258,8 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], table: dict[str, str]) 
         if key.endswith(".lora_down.weight"):
             alpha_key = key.replace(".lora_down.weight", ".alpha")
             out.setdefault(alpha_key, torch.tensor(float(out[key].shape[0]), dtype=out[key].dtype))
+    if getattr(table, "layout", None) is not None:
+        out = table.layout.to_file(out)
     return out
 
 

@@ -38,6 +38,8 @@ class Family:
     """Role → the prefix of its layers in kohya-layout LoRA files."""
     diffusers_prefixes: dict[str, str] = field(default_factory=dict)
     """Role → the prefix of its layers in diffusers/PEFT-layout LoRA files."""
+    frozen_text_encoders: tuple[str, ...] = ()
+    """Text encoders difftune never trains (T5-XXL): `train_text_encoder = true` leaves them out."""
     lora_marks: tuple[str, ...] = ()
     """Key fragments that only this family's LoRA files have (to pick layer names for `difftune convert`)."""
 
@@ -72,20 +74,11 @@ register(Family(
 ))
 
 register(Family(
-    name="flux", variants=("flux-dev", "flux-schnell"), builtins=("tiny-flux", "tiny-flux-schnell"),
-    module="difftune.models.flux",
-    pipelines=frozenset({"FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"}),
-    text_encoders=("text_encoder", "text_encoder_2"),  # CLIP-L (pooled), T5-XXL (sequence)
-    kohya_prefixes={"denoiser": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
-    diffusers_prefixes={"denoiser": "transformer", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"},
-    lora_marks=("lora_unet_double_blocks_", "lora_unet_single_blocks_", "single_transformer_blocks.",
-                "lora_transformer_single_transformer_blocks_", "lora_transformer_transformer_blocks_"),
-))
-register(Family(
     name="sd3", variants=("sd3", "sd3.5-medium", "sd3.5-large"), builtins=("tiny-sd3",), module="difftune.models.sd3",
     pipelines=frozenset({"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                          "StableDiffusion3InpaintPipeline"}),
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),  # CLIP-L, CLIP-G, T5-XXL
+    frozen_text_encoders=("text_encoder_3",),
     kohya_prefixes={"denoiser": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2",
                     "text_encoder_3": "lora_te3"},
     diffusers_prefixes={"denoiser": "transformer", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2",
@@ -93,6 +86,17 @@ register(Family(
     lora_marks=("lora_unet_joint_blocks_", "transformer.transformer_blocks.", "lora_transformer_transformer_blocks_"),
 ))
 
+register(Family(
+    name="flux", variants=("flux-dev", "flux-schnell"), builtins=("tiny-flux", "tiny-flux-schnell"),
+    module="difftune.models.flux",
+    pipelines=frozenset({"FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"}),
+    text_encoders=("text_encoder", "text_encoder_2"),  # CLIP-L (pooled), T5-XXL (sequence)
+    frozen_text_encoders=("text_encoder_2",),
+    kohya_prefixes={"denoiser": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
+    diffusers_prefixes={"denoiser": "transformer", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"},
+    lora_marks=("lora_unet_double_blocks_", "lora_unet_single_blocks_", "single_transformer_blocks.",
+                "lora_transformer_single_transformer_blocks_"),
+))
 NOT_YET = {
     "PixArtSigmaPipeline": "PixArt",
     "StableCascadePriorPipeline": "Stable Cascade", "AuraFlowPipeline": "AuraFlow", "HunyuanDiTPipeline": "HunyuanDiT",
@@ -113,7 +117,8 @@ def family_of_lora_keys(keys) -> str:
     """The family whose LoRA files carry these keys (a family without marks is the fallback).
 
     Families registered later are asked first: their marks are the more specific ones (a Flux or SD3
-    LoRA's `transformer.transformer_blocks.1.` also holds SDXL's `transformer_blocks.1.`)."""
+    LoRA's `transformer.transformer_blocks.1.` also holds SDXL's `transformer_blocks.1.`, and Flux's
+    single blocks tell a Flux LoRA from an SD3 one, whose blocks both have)."""
     keys = list(keys)
     for family in reversed(FAMILIES.values()):
         if family.lora_marks and any(mark in key for key in keys for mark in family.lora_marks):
@@ -228,7 +233,7 @@ def trained_roles(config) -> list[str]:
     from difftune.optim.scaling import roles_to_train
 
     try:
-        encoders = family_for(config.model).text_encoders
+        family = family_for(config.model)
     except ModelLoadError:
-        encoders = ("text_encoder",)  # doctor reports the model problem itself
-    return roles_to_train(config.train, encoders)
+        return roles_to_train(config.train, ("text_encoder",))  # doctor reports the model problem itself
+    return roles_to_train(config.train, family.text_encoders, family.frozen_text_encoders)

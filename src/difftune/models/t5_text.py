@@ -62,7 +62,14 @@ def load_t5_tokenizer(folder: Path | None, what: str):
     if not any((folder / n).is_file() for n in names):
         raise ModelLoadError(f"model.tokenizer_path = '{folder}': has neither {' nor '.join(names)} (a T5 "
                              "tokenizer needs one of them)")
+    from transformers import PreTrainedTokenizerFast
+
     try:
-        return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, ImportError) as e:
+        try:
+            return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+        except TypeError:
+            # transformers 5 rebuilds only Unigram vocabularies as T5TokenizerFast; a saved tiny (WordLevel)
+            # tokenizer loads as the generic fast tokenizer it is.
+            return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, ImportError, TypeError) as e:
         raise ModelLoadError(f"model.tokenizer_path = '{folder}': not a loadable T5 tokenizer ({e})") from None

@@ -49,7 +49,7 @@ def roles_to_train(model: DiffusionModel, config: Config) -> list[str]:
     """The denoiser (train.train_unet) and the text encoders train.train_text_encoder selects."""
     from difftune.optim.scaling import roles_to_train as select
 
-    return select(config.train, model.text_encoder_roles)
+    return select(config.train, model.text_encoder_roles, getattr(model, "frozen_text_encoder_roles", ()))
 
 
 def build_network(model: DiffusionModel, config: Config) -> TrainableNetwork:

@@ -329,8 +329,8 @@ class LoraFamilyNetwork:
         return tensors
 
     def file_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """export_tensors() under the layer names the family's kohya files use (SDXL: SGM UNet names)."""
-        return formats.rename_modules(self.export_tensors(dtype), formats.file_renames(self.model))
+        """export_tensors() in the family's kohya file layout (SDXL: SGM UNet names; Flux: BFL's fused layers)."""
+        return formats.file_layout(self.model).to_file(self.export_tensors(dtype))
 
     def export(self, directory: Path, model: DiffusionModel, metadata: dict[str, str], dtype: torch.dtype) -> None:
         lora_format = self.config.output.lora_format if self.config is not None else "kohya"
@@ -375,7 +375,13 @@ class LoraFamilyNetwork:
                        resolution=str(self.config.data.resolution), train_images="0", train_samples="0",
                        planned_epochs=str(self.config.train.max_epochs))
         meta = {**self.file_metadata(run), "sshs_model_hash": "0" * 64}
-        return formats.safetensors_size({k: (shape, dtype) for k, shape in shapes.items()}, meta)
+        return formats.safetensors_size({k: (shape, dtype) for k, shape in self._file_shapes(shapes).items()}, meta)
+
+    def _file_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Export shapes as the family's file layout writes them, without data: meta tensors (alphas, which the
+        layout reads, as ones) through the layout."""
+        probe = {k: torch.ones(()) if not shape else torch.empty(shape, device="meta") for k, shape in shapes.items()}
+        return {k: tuple(v.shape) for k, v in formats.file_layout(self.model).to_file(probe).items()}
 
     # ---------------------------------------------------------------------------------- loading
     @torch.no_grad()
@@ -385,8 +391,12 @@ class LoraFamilyNetwork:
         Names and shapes must match; an `alpha` different from the network's is folded into the
         weights for plain LoRA pairs (same function), and is an error for other algorithms.
         """
+        self.load_lycoris_tensors(to_lycoris_names(self.model, formats.normalise_kohya_keys(tensors)), source)
+
+    @torch.no_grad()
+    def load_lycoris_tensors(self, tensors: dict[str, torch.Tensor], source: str = "LoRA file") -> None:
+        """load_export_tensors for tensors already under LyCORIS's names (read through the file layout once)."""
         by_module: dict[str, dict[str, torch.Tensor]] = {}
-        tensors = to_lycoris_names(self.model, formats.normalise_kohya_keys(tensors))
         for key, value in tensors.items():
             module, tensor = formats.split_key(key)
             by_module.setdefault(module, {})[tensor] = value
@@ -493,9 +503,9 @@ def _live_diff_weight(module, multiplier=1.0, shape=None, device=None):
 
 # ------------------------------------------------------------------------------------ from files
 def to_lycoris_names(model: DiffusionModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """kohya-file tensors under the names LyCORIS gives the layers (SDXL files name UNet layers by SGM paths)."""
-    renames = formats.file_renames(model)
-    return formats.rename_modules(tensors, {theirs: ours for ours, theirs in renames.items()})
+    """kohya-file tensors under the names LyCORIS gives the layers, through the family's file layout (SDXL
+    files name UNet layers by SGM paths; Flux files fuse q, k and v)."""
+    return formats.file_layout(model).from_file(tensors)
 
 
 def load_lora_file(model: DiffusionModel, path: str | Path, multiplier: float = 1.0, attach: bool = True) -> LoraFamilyNetwork:
@@ -505,13 +515,14 @@ def load_lora_file(model: DiffusionModel, path: str | Path, multiplier: float = 
     through LyCORIS's detection of the algorithm from the tensor names.
     """
     tensors, metadata = formats.read_as_kohya(path, formats.module_table(model))
+    tensors = to_lycoris_names(model, tensors)
     roles = [role for role, prefix in model.kohya_prefixes.items() if any(k.startswith(prefix + "_") for k in tensors)]
     if "difftune_network" in metadata:
         settings = NetworkSettings.from_dict(json.loads(metadata["difftune_network"]))
         network = LoraFamilyNetwork.build(model, settings, roles, attach=False, multiplier=multiplier)
-        network.load_export_tensors(tensors, source=str(path))  # renames file names to LyCORIS's itself
+        network.load_lycoris_tensors(tensors, source=str(path))
     else:
-        network = _foreign(model, to_lycoris_names(model, tensors), multiplier, str(path))
+        network = _foreign(model, tensors, multiplier, str(path))
     network.net.requires_grad_(False)
     network.net.eval()
     if attach:

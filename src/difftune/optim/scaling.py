@@ -29,10 +29,21 @@ def effective_lrs(train) -> dict[str, float]:
     return {"denoiser": train.lr * factor, "text_encoder": te * factor, "text_encoder_2": te2 * factor}
 
 
-def roles_to_train(train, text_encoder_roles) -> list[str]:
-    """The denoiser (train.train_unet) and those of `text_encoder_roles` train.train_text_encoder selects."""
+def roles_to_train(train, text_encoder_roles, frozen_roles=()) -> list[str]:
+    """The denoiser (train.train_unet) and those of `text_encoder_roles` train.train_text_encoder selects.
+
+    `frozen_roles` are encoders the family never trains (Flux's and SD3's T5-XXL, as kohya's and
+    diffusers' scripts do not): `true` means every other encoder, and naming one is an error."""
+    from difftune.errors import ConfigError
+
+    wanted = train.train_text_encoder
+    named = [role for role in frozen_roles if isinstance(wanted, list) and role in wanted]
+    if named:
+        trainable = [r for r in text_encoder_roles if r not in frozen_roles]
+        raise ConfigError(f"train.train_text_encoder names {named[0]} (T5-XXL), which difftune does not train; "
+                          f"the text encoders this model can train: {', '.join(trainable)}")
     roles = ["denoiser"] if train.train_unet else []
-    return roles + [role for role in text_encoder_roles if trains_text_encoder(train, role)]
+    return roles + [role for role in text_encoder_roles if role not in frozen_roles and trains_text_encoder(train, role)]
 
 
 def trains_text_encoder(train, role: str) -> bool:

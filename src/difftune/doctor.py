@@ -21,7 +21,34 @@ def diagnose(config: Config) -> dict[str, Any]:
 
         report["network"] = network_facts(config)  # built on a weightless copy of the model
         report["extra"] = {**report["extra"], **format_facts(report["network"])}
+    memory, memory_warnings = memory_lines(config)
+    report["extra"] = {**report["extra"], **memory}
+    report["warnings"] += memory_warnings
     return report
+
+
+def memory_lines(config: Config) -> tuple[dict[str, str], list[str]]:
+    """What training will cache, the dtype of the frozen weights and the blocks swapped (training/memory),
+    with the checks that need no GPU; doctor may run on another machine than the training."""
+    import torch
+
+    from difftune.training.memory import memory_plan
+
+    cuda = torch.cuda.is_available()
+    plan = memory_plan(config, cuda=cuda, check_device=False)
+    warnings = list(plan.notes)
+    blocks = None
+    if plan.blocks_to_swap:
+        if not cuda:
+            warnings.append(f"train.blocks_to_swap = {plan.blocks_to_swap} needs a CUDA GPU, and this machine has none")
+        from difftune.models import weightless_model
+        from difftune.training.memory.block_swap import BlockSwap
+
+        architecture = weightless_model(config.model)
+        if architecture is not None:
+            blocks = len(architecture.denoiser_blocks()) if hasattr(architecture, "denoiser_blocks") else None
+            BlockSwap.for_model(architecture, plan.blocks_to_swap, torch.device("cpu"))  # the same errors as train
+    return plan.lines(blocks), warnings
 
 
 def advice(config: Config, total_steps: int) -> list[str]:

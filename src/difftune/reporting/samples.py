@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
 from pathlib import Path
 
@@ -25,21 +26,43 @@ def render_samples(model: DiffusionModel, sample: SampleConfig, resolution: int)
         images = []
         for i, prompt in enumerate(sample.prompts):
             generator = torch.Generator("cpu").manual_seed(sample.seed + i)
-            result = pipe(
-                prompt,
-                negative_prompt=sample.negative_prompt or None,
-                num_inference_steps=sample.steps,
-                guidance_scale=sample.cfg_scale,
-                height=sample.height or resolution,
-                width=sample.width or resolution,
-                generator=generator,
-                **model.pipeline_kwargs(),
-            )
+            with _decode_in_vae_dtype(model.parts["vae"]):
+                result = pipe(
+                    prompt,
+                    negative_prompt=sample.negative_prompt or None,
+                    num_inference_steps=sample.steps,
+                    guidance_scale=sample.cfg_scale,
+                    height=sample.height or resolution,
+                    width=sample.width or resolution,
+                    generator=generator,
+                    **model.pipeline_kwargs(),
+                )
             images.append(result.images[0])
         return images
     finally:
         for m, training in zip(modules, was_training, strict=True):
             m.train(training)
+
+
+@contextlib.contextmanager
+def _decode_in_vae_dtype(vae):
+    """Pipelines give the VAE latents in the denoiser's dtype; a VAE stored otherwise (model.vae_precision =
+    fp32 beside a bf16 model, kohya's no_half_vae) would meet mixed dtypes. The latents are cast to the
+    VAE's dtype as it is at decode time (SDXL's pipeline upcasts an fp16 VAE itself); equal dtypes: no-op."""
+    own = vae.__dict__.get("decode")
+    decode = vae.decode
+
+    def cast(latents, *args, **kwargs):
+        return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = cast
+    try:
+        yield
+    finally:
+        if own is None:
+            del vae.decode
+        else:
+            vae.decode = own
 
 
 def make_grid(images: list[Image.Image], prompts: list[str], title: str, columns: int = 4) -> Image.Image:

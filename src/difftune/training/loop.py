@@ -42,6 +42,7 @@ from difftune.reporting.metrics import MetricsLog, read_metrics, truncate_metric
 from difftune.reporting.plots import plot_run
 from difftune.reporting.progress import Progress
 from difftune.reporting.samples import write_sample_grid
+from difftune.training.memory import MemoryPlan, memory_plan
 from difftune.training.plan import Plan, make_plan
 from difftune.training.run_dir import open_run_dir
 from difftune.training.step import batch_loss, step_generator
@@ -81,10 +82,21 @@ class Trainer:
             raise
 
     def _build(self, config: Config, resuming: bool, lr_multiplier) -> None:
+        self.memory: MemoryPlan = memory_plan(config, cuda=self.accelerator.device.type == "cuda")
+        self.fp8_params, self.block_swap, self.saved_weights = [], None, None
         self.model = load_model(config.model)
         self.objective = self.model.make_objective(config.train)
+        if self.memory.fp8:  # before the network: LyCORIS wraps each layer's casting forward
+            from difftune.training.memory.precision import store_in_fp8
+
+            self.fp8_params = store_in_fp8(self.model.parts["denoiser"], self.memory.compute_precision)
         self.network = build_network(self.model, config)
-        self._place_modules()
+        encoders = list(self.model.text_encoder_roles)
+        self._place_modules(encoders)
+        # Filled before the denoiser takes the device's memory: the encoders may need it for a while.
+        self.text_cache = self._text_cache() if self.memory.cache_text else None
+        self._place_modules([role for role in self.model.parts if role not in encoders])
+        self._enable_checkpointing()
         train = config.train
         groups = self.network.param_groups(effective_lrs(train))  # one LR per trained role, scale_lr applied
         self.optimizer = build_optimizer(config, groups)
@@ -101,7 +113,7 @@ class Trainer:
         self.stable_probe = self._probe(self.plan.stable_train_records)
         self.state = TrainerState()
         self.fault_hook = env_fault_hook()
-        self.notes += self.model.notes
+        self.notes += self.model.notes + list(self.memory.notes)
         self.notes += caption_notes(self.model, self.plan.train_records + self.plan.val_records)
         if resuming:
             self._resume()
@@ -216,7 +228,8 @@ class Trainer:
         for micro, batch in enumerate(group):
             generator = step_generator(cfg.train.seed, self.state.step, micro)
             loss = batch_loss(self.model, self.objective, batch, generator, device=accelerator.device,
-                              autocast=accelerator.autocast, noise_offset=cfg.train.noise_offset, text_grad=text_grad)
+                              autocast=accelerator.autocast, noise_offset=cfg.train.noise_offset, text_grad=text_grad,
+                              text_cache=self.text_cache)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss is {loss.item()} at step {self.state.step + 1} (lr {self.current_lrs()['lr']:.3g})",
@@ -246,23 +259,26 @@ class Trainer:
     def evaluate_probe(self, probe: FixedProbe) -> ProbeResult:
         """Per-item losses of any fixed probe under the weights validation sees (the tuners' raw data)."""
         with self._eval_weights():
-            return probe.evaluate(self.model, self.objective, self.accelerator.autocast)
+            return probe.evaluate(self.model, self.objective, self.accelerator.autocast, self.text_cache)
 
     def validate(self) -> dict[str, float]:
         """Deterministic validation (and stabilized train) loss of the current weights."""
         out = {}
         with self._eval_weights():
             if self.val_probe is not None:
-                result = self.val_probe.evaluate(self.model, self.objective, self.accelerator.autocast)
+                result = self.val_probe.evaluate(self.model, self.objective, self.accelerator.autocast, self.text_cache)
                 out["val_loss"] = result.loss
                 if self.state.best_val_loss is None or result.loss < self.state.best_val_loss:
                     self.state.best_val_loss, self.state.best_val_step = result.loss, self.state.step
             if self.stable_probe is not None:
-                out["stable_train_loss"] = self.stable_probe.evaluate(self.model, self.objective, self.accelerator.autocast).loss
+                out["stable_train_loss"] = self.stable_probe.evaluate(self.model, self.objective, self.accelerator.autocast,
+                                                                      self.text_cache).loss
         return out
 
     def _sample(self, name: str) -> None:
-        with self._eval_weights():
+        # Samples run the pipeline's own text encoding: offloaded encoders come to the device meanwhile.
+        encoders = self.text_cache.encoders_on_device() if self.text_cache is not None else contextlib.nullcontext()
+        with self._eval_weights(), encoders:
             write_sample_grid(
                 self.model, self.config.sample, self.config.data.resolution,
                 self.run_dir.samples / f"{name}.png", title=f"{name}  seed {self.config.sample.seed}",
@@ -313,27 +329,71 @@ class Trainer:
                     param.copy_(saved)
 
     # -------------------------------------------------------------------------------------- setup
-    def _place_modules(self) -> None:
-        """Trained modules stay fp32 (mixed precision autocasts them); frozen ones are stored in the
-        autocast dtype on GPU to save memory."""
+    def _place_modules(self, roles: list[str]) -> None:
+        """Trained modules stay fp32 (train.weight_dtype; mixed precision autocasts them); frozen ones are
+        stored as the memory plan says (training/memory: the autocast dtype on GPU, fp32 on the CPU, or
+        model.base_precision / vae_precision). Offloaded text encoders stay on the CPU; swapped blocks'
+        weights in CPU memory."""
+        from difftune.training.memory.precision import frozen_dtype
+
         device = self.accelerator.device
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.train.mixed_precision, torch.float32)
         trained = {id(m) for m in self.network.trained_modules()}
-        for module in self.model.parts.values():
-            frozen_dtype = weight_dtype if device.type == "cuda" else torch.float32
-            if frozen_dtype == torch.float16 and getattr(getattr(module, "config", None), "force_upcast", False):
-                frozen_dtype = torch.float32  # diffusers' flag for VAEs that overflow in fp16 (SDXL's)
-            trained_dtype = torch.bfloat16 if self.config.train.weight_dtype == "bf16" else torch.float32
-            module.to(device, dtype=trained_dtype if id(module) in trained else frozen_dtype)
-            module.train(id(module) in trained)
-        if self.config.train.gradient_checkpointing:
-            # A network's layers sit inside the frozen parts: checkpointing those saves the activations too.
-            for role in self.network.trained_roles():
-                module = self.model.parts[role]
-                if hasattr(module, "enable_gradient_checkpointing"):
-                    module.enable_gradient_checkpointing()  # diffusers
-                else:
-                    module.gradient_checkpointing_enable()  # transformers
+        trained_dtype = torch.bfloat16 if self.config.train.weight_dtype == "bf16" else torch.float32
+        for role in roles:
+            module = self.model.parts[role]
+            is_trained = id(module) in trained
+            dtype = trained_dtype if is_trained else frozen_dtype(self.memory, role, module)
+            target = "cpu" if role in self.model.text_encoder_roles and self.memory.offload_encoders else device
+            if role == "denoiser" and (self.memory.fp8 or self.memory.blocks_to_swap):
+                self._place_denoiser(module, device, dtype)
+            else:
+                module.to(target, dtype=dtype)
+            module.train(is_trained)
+
+    def _place_denoiser(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        """fp8 layers keep their storage; swapped blocks go to CPU memory first, then the rest to the device;
+        the graph then saves those weights by recipe (training/memory/saved_weights.py)."""
+        from difftune.training import memory
+        from difftune.training.memory.block_swap import BlockSwap
+        from difftune.training.memory.precision import move
+        from difftune.training.memory.saved_weights import SavedWeights
+
+        if self.memory.blocks_to_swap:
+            stand_in = device.type != "cuda" and memory.CPU_BLOCK_SWAP_FOR_TESTS
+            self.block_swap = BlockSwap.for_model(self.model, self.memory.blocks_to_swap, device, stand_in)
+            self.block_swap.prepare(dtype)
+        move(module, device, dtype, exclude=self.block_swap.param_ids if self.block_swap else frozenset())
+        params = {id(p): p for p in self.fp8_params}
+        if self.block_swap:
+            params.update({id(p): p for p in self.block_swap.swapped_params()})
+        source = self.block_swap.source if self.block_swap else (lambda p: p.data)
+        self.saved_weights = SavedWeights(params.values(), source)
+        self.saved_weights.install(module)
+
+    def _enable_checkpointing(self) -> None:
+        """train.gradient_checkpointing: the denoiser whenever anything trains (gradients flow through it
+        even when only a LoRA on it or only a text encoder trains), and every trained text encoder."""
+        if not self.config.train.gradient_checkpointing:
+            return
+        for role in dict.fromkeys(["denoiser", *self.network.trained_roles()]):
+            module = self.model.parts[role]
+            if role == "denoiser" and self.block_swap is not None:
+                module.enable_gradient_checkpointing(self.block_swap.checkpoint_function)  # diffusers, blocks kept in
+            elif hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()  # diffusers
+            else:
+                module.gradient_checkpointing_enable()  # transformers
+
+    def _text_cache(self):
+        """Every caption training can see, encoded once (train and validation images, the empty caption
+        of caption dropout); the tuners' probes read from it too."""
+        from difftune.data.text_cache import TextEmbeddingCache
+
+        cache = TextEmbeddingCache(self.model, self.accelerator.device, self.accelerator.autocast,
+                                   offload=self.memory.offload_encoders)
+        records = self.plan.train_records + self.plan.val_records + self.plan.stable_train_records
+        cache.add([r.caption for r in records] + [""], show_progress=self.show_progress)
+        return cache
 
     def _probe(self, records) -> FixedProbe | None:
         if not records:
@@ -362,8 +422,19 @@ class Trainer:
             f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, effective batch {plan.effective_batch_size}, "
             f"{describe_lr(self.config, plan.total_steps)}" + (f" (resuming at step {self.state.step})" if self.state.step else "")
         )
+        memory = self._memory_lines()
+        if self.text_cache is not None or self.memory.fp8 or self.block_swap is not None:
+            progress.write("memory: " + "; ".join(f"{k} {v}" for k, v in memory.items()))
         for warning in [*plan.warnings, *self.notes]:
             progress.write(f"warning: {warning}")
+
+    def _memory_lines(self) -> dict[str, str]:
+        """The memory plan as doctor prints it, with the cache's size once it is filled."""
+        blocks = len(self.model.denoiser_blocks()) if self.block_swap is not None else None
+        lines = self.memory.lines(blocks)
+        if self.text_cache is not None:
+            lines["text embeddings"] += f", {len(self.text_cache)} captions, {self.text_cache.nbytes / 2**20:.1f} MiB"
+        return lines
 
     def _metadata(self) -> dict[str, str]:
         return {
@@ -404,6 +475,7 @@ class Trainer:
             "device": str(self.accelerator.device),
             "model": self.model.describe(),
             "network": self.network.describe(),
+            "memory": self._memory_lines(),
             "config": config_to_dict(self.config),
         }
         from difftune.checkpoint.atomic import atomic_write_json

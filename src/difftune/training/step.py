@@ -50,13 +50,15 @@ def draw_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: 
 
 
 def batch_loss(model: DiffusionModel, objective: Objective, batch: Batch, generator: torch.Generator, *,
-               device: torch.device, autocast, noise_offset: float = 0.0, text_grad: bool = False) -> torch.Tensor:
+               device: torch.device, autocast, noise_offset: float = 0.0, text_grad: bool = False,
+               text_cache=None) -> torch.Tensor:
     """Mean training loss of a batch: latents, text and conditioning, then noise and timesteps drawn
-    from `generator` in a fixed order (latent sample, noise, offset, timesteps)."""
+    from `generator` in a fixed order (latent sample, noise, offset, timesteps). `text_cache`
+    (data/text_cache.py) replaces the text encoders when they are frozen."""
     latents = model.encode_images(batch.pixels.to(device), generator)
     with autocast():
         with torch.set_grad_enabled(text_grad):
-            text = model.encode_text(batch.captions)
+            text = text_cache.lookup(batch.captions) if text_cache is not None else model.encode_text(batch.captions)
         cond = model.condition(text, batch)
         noise = draw_noise(latents, generator, noise_offset)
         t = objective.sample_t(latents.shape[0], generator, tuple(latents.shape[-2:])).to(latents.device)

@@ -88,8 +88,9 @@ class FixedProbe:
         self._timesteps = objective.probe_t(self.num_items, generator, tuple(self._latents.shape[-2:]))
 
     @torch.no_grad()
-    def evaluate(self, model: DiffusionModel, objective: Objective, autocast=None) -> ProbeResult:
-        """Loss of every probe item under the current weights (modules put in eval mode, then restored)."""
+    def evaluate(self, model: DiffusionModel, objective: Objective, autocast=None, text_cache=None) -> ProbeResult:
+        """Loss of every probe item under the current weights (modules put in eval mode, then restored);
+        `text_cache` (data/text_cache.py) gives the captions' text outputs instead of the encoders."""
         self._prepare(model, objective)
         modules = [module for role, module in model.parts.items() if role != "vae"]
         was_training = [m.training for m in modules]
@@ -103,7 +104,8 @@ class FixedProbe:
                 latents = self._latents[start:end].to(device)
                 meta = self._meta.slice(start, end)
                 with autocast() if autocast else nullcontext():
-                    cond = model.condition(model.encode_text(meta.captions), meta)
+                    text = text_cache.lookup(meta.captions) if text_cache is not None else model.encode_text(meta.captions)
+                    cond = model.condition(text, meta)
                     loss = per_sample_loss(model, objective, latents, cond, self._noise[start:end].to(device),
                                            self._timesteps[start:end].to(device), weighted=False)
                 losses.append(loss.double().cpu())

@@ -29,29 +29,13 @@ RESULTS = Path(__file__).parent / "results" / "gpu_sdxl_lora.json"
 def random_model(name: str, device: str):
     """SDXL (or tiny-sdxl) with random weights, built on `device` (fast: no fp32 copy on the host)."""
     from difftune.config.schema import ModelConfig
-    from difftune.models import load_model, weightless_model
-    from difftune.models.single_file_io import shipped_config_dir
+    from difftune.models import load_model
 
     if name == "tiny-sdxl":
         return load_model(ModelConfig(path=name))
-    model = weightless_model(ModelConfig(path=str(shipped_config_dir("sdxl"))))
-    generator = torch.Generator(device=device).manual_seed(0)
-    for module in model.parts.values():
-        module.to_empty(device=device)
-        with torch.no_grad():
-            for param_name, param in module.named_parameters():
-                if "norm" in param_name and param_name.endswith(".weight"):
-                    param.fill_(1.0)
-                else:
-                    param.normal_(0.0, 0.02, generator=generator)
-            for buffer in module.buffers():
-                if not buffer.is_floating_point():  # position ids
-                    buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand(buffer.shape))
-    from difftune.models.clip_tokenizers import byte_level_clip_tokenizer
+    from random_weights import random_model as shipped_random
 
-    # Token ids only need to be valid for the embedding: the byte-level tokenizer needs no vocabulary file.
-    model.tokenizer = model.tokenizer_2 = byte_level_clip_tokenizer()
-    return model
+    return shipped_random("sdxl", device)
 
 
 def images(folder: Path, resolution: int, count: int = 8) -> None:

@@ -179,6 +179,17 @@ def test_fp8_base_trains_a_lora_with_float8_storage(make):
     assert fp8.validate()["val_loss"] == pytest.approx(reference.validate()["val_loss"], rel=1e-2)
 
 
+def test_fp8_stores_flux_modulation_in_float8_as_kohya_does(make):
+    """The blocks' modulation Linears (a quarter of Flux's weights) are fp8 too; only the input/output layers
+    and position embeddings stay out (diffusers' default "norm" skip would keep them in bf16)."""
+    trainer = make("fp8-flux", model={"path": "tiny-flux", "base_precision": "fp8"})
+    named = dict(trainer.model.parts["denoiser"].named_modules())
+    modulation = [n for n in named if n.endswith(("norm1.linear", "norm1_context.linear", "norm.linear"))]
+    assert modulation and all(named[n].weight.dtype == FP8 for n in modulation)
+    assert named["proj_out"].weight.dtype != FP8 and named["norm_out.linear"].weight.dtype != FP8
+    assert steps(trainer, 1)[0] == pytest.approx(steps(make("fp32-flux", model={"path": "tiny-flux"}), 1)[0], rel=2e-2)
+
+
 def forward_loss(trainer: Trainer) -> torch.Tensor:
     batch = next(trainer.step_groups())[0]
     return batch_loss(trainer.model, trainer.objective, batch, step_generator(trainer.config.train.seed, 0, 0),

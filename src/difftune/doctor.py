@@ -24,18 +24,37 @@ def diagnose(config: Config) -> dict[str, Any]:
     memory, memory_warnings = memory_lines(config)
     report["extra"] = {**report["extra"], **memory}
     report["warnings"] += memory_warnings
+    budget = gpu_memory_budget(config, report.get("network"))
+    if budget is not None:
+        from difftune.training.memory_budget import format_budget
+
+        report["memory_budget"] = budget
+        report["extra"] = {**report["extra"], **format_budget(budget)}
     return report
+
+
+def gpu_memory_budget(config: Config, network: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What training on a GPU would hold, counted on a weightless copy of the model (None when the model's
+    architecture is not known without loading it)."""
+    from difftune.models import weightless_model
+    from difftune.training.memory_budget import memory_budget
+
+    architecture = weightless_model(config.model)
+    if architecture is None:
+        return None
+    return memory_budget(config, architecture, network["trainable_parameters"] if network else None)
 
 
 def memory_lines(config: Config) -> tuple[dict[str, str], list[str]]:
     """What training will cache, the dtype of the frozen weights and the blocks swapped (training/memory),
-    with the checks that need no GPU; doctor may run on another machine than the training."""
+    as a GPU run resolves them, with the checks that need no GPU: doctor may run on another machine than
+    the training (a CPU run stores every frozen part in fp32)."""
     import torch
 
     from difftune.training.memory import memory_plan
 
     cuda = torch.cuda.is_available()
-    plan = memory_plan(config, cuda=cuda, check_device=False)
+    plan = memory_plan(config, cuda=True, check_device=False)  # what a GPU run holds, wherever doctor runs
     warnings = list(plan.notes)
     blocks = None
     if plan.blocks_to_swap:

@@ -1,9 +1,9 @@
 """Storage dtypes of the frozen parts, and float8 storage of the denoiser (model.base_precision = "fp8").
 
-fp8 uses diffusers' layerwise casting (`ModelMixin.enable_layerwise_casting`): each Linear/Conv/Embedding
+fp8 uses diffusers' layerwise casting (`diffusers.hooks.apply_layerwise_casting`): each Linear/Conv/Embedding
 weight is stored as float8 e4m3 and cast to the compute dtype around its own forward, then back. The
-layers diffusers keeps out of it (norms and modulation, position embeddings: its skip patterns plus the
-model's `_skip_layerwise_casting_patterns`) are stored in the frozen dtype instead. It is applied before
+layers kept out of it (`FP8_SKIP`: position embeddings, input and output layers) are stored in the
+frozen dtype instead. It is applied before
 the LoRA network is built, so LyCORIS captures the casting forward of each layer and adds its update to
 that layer's output (bypass mode; the algorithms that read the base weight themselves are refused in
 memory_plan). Text encoders (transformers models) are never fp8: they are cached or trained.
@@ -27,6 +27,13 @@ from difftune.models.base import DENOISER, VAE
 from difftune.training.memory import MemoryPlan
 
 FP8 = torch.float8_e4m3fn
+FP8_SKIP = ("pos_embed", "patch_embed", "^proj_in$", "^proj_out$", "^norm_out")
+"""Layers kept out of fp8 (module-name patterns, re.search): position/patch embeddings and the model's
+input and output layers, as diffusers' default skips. Unlike diffusers' default (and the models'
+`_skip_layerwise_casting_patterns`), the blocks' modulation Linears (`norm1.linear`, `norm.linear`) are
+stored in fp8 as kohya's fp8_base and the released fp8 Flux files do: diffusers' "norm" pattern would
+keep 3.2 B of Flux's 11.9 B parameters (6.4 GB) in bf16. Norm layers themselves are never cast (they are
+not among the layer types layerwise casting handles)."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": FP8}
 
 
@@ -46,13 +53,11 @@ def store_in_fp8(denoiser: torch.nn.Module, compute: str) -> list[torch.nn.Param
     for layer in denoiser.modules():
         if type(layer) in _VIEW_FORWARDS:  # innermost: the casting hook wraps it, LyCORIS wraps that
             layer.forward = functools.partial(_VIEW_FORWARDS[type(layer)], layer)
-    skip = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
-    if hasattr(denoiser, "enable_layerwise_casting"):  # every diffusers model
-        denoiser.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=DTYPES[compute], skip_modules_classes=skip)
-    else:
-        from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks import apply_layerwise_casting
 
-        apply_layerwise_casting(denoiser, storage_dtype=FP8, compute_dtype=DTYPES[compute], skip_modules_classes=skip)
+    skip = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+    apply_layerwise_casting(denoiser, storage_dtype=FP8, compute_dtype=DTYPES[compute], skip_modules_pattern=FP8_SKIP,
+                            skip_modules_classes=skip)
     return [p for p in denoiser.parameters() if p.dtype == FP8]
 
 

@@ -113,6 +113,18 @@ def test_tiny_flux_learns_and_resumes_bit_exactly(flux_config, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_find_lr_gives_a_usable_curve_on_tiny_flux(flux_config):
+    from difftune.tuning.lr_finder import find_lr
+
+    config = flux_config(train={"max_steps": 24},
+                         find_lr={"num_points": 10, "steps_per_point": 2, "start_lr": 1e-5, "end_lr": 3.0,
+                                  "bootstrap_samples": 0, "probe_items": 16})
+    result = find_lr(config, show_progress=False)
+    assert result["status"] == "ok", result["verdict"]
+    assert result["curve"] and Path(result["files"]["plot"]).is_file()
+    assert result["lr_edge"] is not None and 1e-5 < result["lr"] < result["lr_edge"] <= 3.0
+
+
 def test_clip_l_trains_with_its_own_lr_and_t5_is_refused(flux_config):
     trainer = Trainer(flux_config(network={"type": "lora", "rank": 2},
                                   train={"lr": 1e-3, "text_encoder_lr": 1e-4, "train_text_encoder": ["text_encoder"]}),
@@ -409,3 +421,17 @@ def test_convert_without_a_model_names_real_flux_layers():
     assert table["lora_unet_transformer_blocks_18_attn_add_k_proj"] == "transformer.transformer_blocks.18.attn.add_k_proj"
     assert table["lora_te1_text_model_encoder_layers_11_mlp_fc1"] == "text_encoder.text_model.encoder.layers.11.mlp.fc1"
     assert table.layout is KOHYA_LAYOUT
+
+
+def test_samples_default_to_each_flux_variants_own_guidance(monkeypatch):
+    from difftune.config.schema import SampleConfig
+    from difftune.reporting import samples
+
+    seen = []
+    for name, expected in (("tiny-flux", 3.5), ("tiny-flux-schnell", 0.0)):
+        model = load_model(ModelConfig(path=name))
+        monkeypatch.setattr(type(model), "pipeline", lambda self, sampler: (
+            lambda prompt, **kw: seen.append(kw["guidance_scale"]) or type("R", (), {"images": [None]})()))
+        samples.render_samples(model, SampleConfig(prompts=["a 3"]), 16)
+        samples.render_samples(model, SampleConfig(prompts=["a 3"], cfg_scale=2.0), 16)
+        assert seen[-2:] == [expected, 2.0]

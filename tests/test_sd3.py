@@ -227,6 +227,7 @@ def test_find_lr_reads_a_curve_on_tiny_sd3(digits_dir, tmp_path):
                                       "bootstrap_samples": 0, "probe_items": 16})
     result = find_lr(validate_config(data, "t"), show_progress=False)
     assert result["curve"] and Path(result["files"]["plot"]).is_file()
+    assert result["status"] == "ok", result["verdict"]
     assert result["lr"] is not None and 1e-5 <= result["lr"] <= 1e-1, result["verdict"]
 
 

@@ -236,7 +236,7 @@ PROBLEMS: dict[str, Problem] = {
             "flow-shapes",
             "held out (added with the flow-matching families, after the rule was fixed): full fine-tune of the "
             "built-in tiny Flux-shaped transformer (rectified flow, flux_shift sampling) on the 200 shapes, batch 8",
-            steps=200, grid=geometric_grid(5e-4, 2**0.5, 13), config=_flow_shapes, prepare=_prepare_shapes,
+            steps=200, grid=geometric_grid(1e-3, 2**0.5, 17), config=_flow_shapes, prepare=_prepare_shapes,
             find_lr={"start_lr": 1e-6, "end_lr": 1e-1},
         ),
     ]

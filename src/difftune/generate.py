@@ -12,7 +12,7 @@ from difftune.config.schema import ModelConfig, SampleConfig
 
 
 def generate(model_path: str, prompts: list[str], out: str | Path, *, lora: str | None = None, scale: float = 1.0,
-             seed: int = 0, steps: int = 20, cfg_scale: float = 7.0, sampler: str = "euler", negative_prompt: str = "",
+             seed: int = 0, steps: int = 20, cfg_scale: float | None = None, sampler: str = "euler", negative_prompt: str = "",
              width: int | None = None, height: int | None = None, clip_skip: int = 1) -> list[Path]:
     """Render each prompt (seed, seed+1, ...) and save PNGs: `out` for one prompt, `out` with -N suffixes
     for several, plus a grid `out` when there are several. Returns the written paths."""

@@ -396,7 +396,7 @@ def _add_lora_commands(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=sample_defaults["steps"], metavar="N",
                    help="sampler steps (default: %(default)s)")
     p.add_argument("--cfg-scale", type=float, default=sample_defaults["cfg_scale"], metavar="X",
-                   help="classifier-free guidance scale (default: %(default)s)")
+                   help="classifier-free guidance scale (default: the model's: 7 for SD/SDXL/SD3, 3.5 for Flux.1-dev)")
     samplers = list(get_args(SampleConfig.model_fields["sampler"].annotation))
     p.add_argument("--sampler", default=sample_defaults["sampler"], choices=samplers, metavar="NAME",
                    help=f"sampler: {', '.join(samplers)} (default: %(default)s)")

@@ -281,7 +281,9 @@ class SampleConfig(Section):
     every_n_epochs: int | None = Field(None, ge=1, description="Render samples at the end of every N epochs.")
     seed: int = Field(0, description="Seed of the sample noise, so grids are comparable across steps.")
     steps: int = Field(20, ge=1, description="Sampler steps.")
-    cfg_scale: float = Field(7.0, ge=0.0, description="Classifier-free guidance scale.")
+    cfg_scale: float | None = Field(
+        None, ge=0.0, description="Classifier-free guidance scale (Flux.1-dev: its distilled guidance); default: the "
+        "model's usual value (7.0 for SD/SDXL/SD3, 3.5 for Flux.1-dev, none for schnell).")
     negative_prompt: str = Field("", description="Negative prompt.")
     sampler: Literal[tuple(SAMPLERS)] = Field("euler", description="Sampler: " + ", ".join(SAMPLERS) + ".")
     width: int | None = Field(None, ge=8, description="Sample width; default: data.resolution.")

@@ -44,6 +44,8 @@ class DiffusionModel(Protocol):
     """LyCORIS layer selections by preset name for this family's module classes."""
     notes: list[str]
     """Load-time warnings the trainer shows (e.g. a setting this family ignores)."""
+    default_cfg_scale: float
+    """Guidance of samples when sample.cfg_scale is unset (Flux.1-dev: its distilled 3.5)."""
     # Optional: `kohya_file_name(role, module_path) -> str | None` when the family's kohya files name
     # layers otherwise than LyCORIS does (SDXL: SGM UNet paths); see checkpoint/lora_formats.file_name.
 

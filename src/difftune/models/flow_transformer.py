@@ -26,6 +26,8 @@ FLOW_SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler"}
 
 class FlowTransformerModel:
     default_timestep_sampling = "logit_normal"
+    default_cfg_scale = 7.0
+    """The guidance samples use unless sample.cfg_scale is set (SD3's pipeline default; Flux overrides)."""
     prediction_type = "flow"
 
     @property

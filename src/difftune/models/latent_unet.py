@@ -18,6 +18,9 @@ from difftune.models.objectives import DDPMObjective
 
 
 class LatentUNetModel:
+    default_cfg_scale = 7.0
+    """The guidance samples use unless sample.cfg_scale is set."""
+
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type

@@ -31,7 +31,7 @@ def render_samples(model: DiffusionModel, sample: SampleConfig, resolution: int)
                     prompt,
                     negative_prompt=sample.negative_prompt or None,
                     num_inference_steps=sample.steps,
-                    guidance_scale=sample.cfg_scale,
+                    guidance_scale=sample.cfg_scale if sample.cfg_scale is not None else model.default_cfg_scale,
                     height=sample.height or resolution,
                     width=sample.width or resolution,
                     generator=generator,

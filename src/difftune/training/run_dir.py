@@ -22,10 +22,11 @@ from difftune.training.run_lock import RunLock, lock_run_dir
 RESOLVED_CONFIG = "config.resolved.toml"
 MAY_CHANGE_ON_RESUME = (
     "train.max_steps", "train.max_epochs", "output.", "sample.", "validation.every_n_steps",
-    "validation.every_n_epochs", "data.num_workers",
+    "validation.every_n_epochs", "data.num_workers", "data.offload_encoders", "train.blocks_to_swap",
 )
-"""Settings a resumed run may change: its length, what it saves, samples and logs, and how often it
-validates. Anything else would make the continued run a different training than the one saved."""
+"""Settings a resumed run may change: its length, what it saves, samples and logs, how often it
+validates, and where frozen weights wait (offloaded encoders, swapped blocks: the numbers are the same,
+tests/test_memory.py). Anything else would make the continued run a different training than the one saved."""
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,11 @@ class FluxModel(FlowTransformerModel):
         return bool(self.transformer.config.guidance_embeds)
 
     @property
+    def default_cfg_scale(self) -> float:
+        """Flux.1-dev samples at its distilled guidance 3.5 (FluxPipeline's default); schnell ignores it."""
+        return 3.5 if self.has_guidance else 0.0
+
+    @property
     def native_resolution(self) -> int:
         return self.sample_size or super().native_resolution
 

@@ -34,21 +34,9 @@ def build_model(name: str, device: str):
 
     if name.startswith("tiny-"):
         return load_model(ModelConfig(path=name))
-    from random_weights import random_model
+    from gpu_common import random_model
 
     return random_model(name, device)
-
-
-def images(folder: Path, resolution: int, count: int = 8) -> None:
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        pixels = (rng.random((resolution, resolution, 3)) * 255).astype("uint8")
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a photo of sks object number {i}")
 
 
 def main() -> None:
@@ -64,7 +52,9 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     work = Path(args.work)
-    images(work / "data", args.resolution)
+    from gpu_common import write_images
+
+    write_images(work / "data", args.resolution)
 
     import difftune.training.loop as loop
     from difftune.config.loading import validate_config
@@ -84,17 +74,9 @@ def main() -> None:
         "output": {"dir": str(work / "run"), "overwrite": True, "tensorboard": False, "save_state": False},
     }, "bench/gpu_flux_lora.py")
     trainer = loop.Trainer(config, show_progress=False)
-    groups = trainer.step_groups()
-    for _ in range(3):  # warm-up: allocator, kernels
-        trainer.train_step(next(groups))
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    losses = [trainer.train_step(next(groups)) for _ in range(args.steps)]
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    from gpu_common import timed_steps
+
+    losses, seconds, peak = timed_steps(trainer, args.steps)
     trainer.close()
     stored = sorted({str(p.dtype) for p in built.transformer.parameters()})
     result = {
@@ -108,7 +90,7 @@ def main() -> None:
         "precision": "bf16 autocast", "gradient_checkpointing": True,
         "build_seconds": build_seconds, "timed_steps": args.steps, "seconds": seconds,
         "samples_per_second": args.steps / seconds,
-        "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_vram_gib": peak,
         "goal_peak_vram_gib": 24, "final_loss": losses[-1], "lora_layers": len(trainer.network.loras),
     }
     print(json.dumps(result, indent=2))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -33,21 +32,9 @@ def random_model(name: str, device: str):
 
     if name == "tiny-sdxl":
         return load_model(ModelConfig(path=name))
-    from random_weights import random_model as shipped_random
+    from gpu_common import random_model as shipped_random
 
     return shipped_random("sdxl", device)
-
-
-def images(folder: Path, resolution: int, count: int = 8) -> None:
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        pixels = (rng.random((resolution, resolution, 3)) * 255).astype("uint8")
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a photo of sks object number {i}")
 
 
 def main() -> None:
@@ -61,7 +48,9 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     work = Path(args.work)
-    images(work / "data", args.resolution)
+    from gpu_common import write_images
+
+    write_images(work / "data", args.resolution)
 
     import difftune.training.loop as loop
     from difftune.config.loading import validate_config
@@ -78,17 +67,9 @@ def main() -> None:
         "output": {"dir": str(work / "run"), "overwrite": True, "tensorboard": False, "save_state": False},
     }, "bench/gpu_sdxl_lora.py")
     trainer = loop.Trainer(config, show_progress=False)
-    groups = trainer.step_groups()
-    for _ in range(3):  # warm-up: allocator, kernels
-        trainer.train_step(next(groups))
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    losses = [trainer.train_step(next(groups)) for _ in range(args.steps)]
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    from gpu_common import timed_steps
+
+    losses, seconds, peak = timed_steps(trainer, args.steps)
     trainer.close()
     result = {
         "command": "python bench/gpu_sdxl_lora.py" + ("" if args.model == "sdxl" else f" --model {args.model}"),
@@ -96,7 +77,7 @@ def main() -> None:
         "model": args.model, "resolution": args.resolution, "batch_size": 1, "rank": 16,
         "precision": "bf16 autocast" if cuda else "fp32", "gradient_checkpointing": True,
         "timed_steps": args.steps, "seconds": seconds, "samples_per_second": args.steps / seconds,
-        "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_vram_gib": peak,
         "final_loss": losses[-1], "lora_layers": len(trainer.network.loras),
     }
     print(json.dumps(result, indent=2))

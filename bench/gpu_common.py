@@ -1,4 +1,5 @@
-"""Full-size architectures with random weights, built on a device (for the GPU benchmarks).
+"""What the GPU benchmarks share: full-size architectures with random weights built on a device, a
+small image folder, and the timed training steps.
 
 The weightless (meta-device) model from the shipped configs gets storage on the device and normal
 random values (norm scales 1, integer position ids counted up), so nothing is downloaded and no fp32
@@ -6,6 +7,9 @@ copy of a multi-GB model passes through host memory.
 """
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import torch
 
@@ -44,3 +48,34 @@ def random_model(variant: str, device: str):
         setattr(model, attribute, tiny_t5_tokenizer(getattr(model, "max_sequence_length", 512)) if is_t5
                 else byte_level_clip_tokenizer())
     return model
+
+
+def write_images(folder: Path, resolution: int, count: int = 8) -> None:
+    """`count` random RGB images with captions (the benchmarks measure speed and memory, not learning)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = (rng.random((resolution, resolution, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a photo of sks object number {i}")
+
+
+def timed_steps(trainer, steps: int, warmup: int = 3) -> tuple[list[float], float, float | None]:
+    """(losses, seconds, peak GiB) of `steps` training steps after `warmup` (allocator, kernels); the
+    peak covers the timed steps only (None without CUDA)."""
+    cuda = torch.cuda.is_available()
+    groups = trainer.step_groups()
+    for _ in range(warmup):
+        trainer.train_step(next(groups))
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    losses = [trainer.train_step(next(groups)) for _ in range(steps)]
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return losses, seconds, torch.cuda.max_memory_allocated() / 2**30 if cuda else None

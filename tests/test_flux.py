@@ -435,3 +435,38 @@ def test_samples_default_to_each_flux_variants_own_guidance(monkeypatch):
         samples.render_samples(model, SampleConfig(prompts=["a 3"]), 16)
         samples.render_samples(model, SampleConfig(prompts=["a 3"], cfg_scale=2.0), 16)
         assert seen[-2:] == [expected, 2.0]
+
+
+def test_settings_another_family_uses_are_caught_before_loading(flux_config, tmp_path):
+    """doctor (which loads no model) refuses what train refuses, and says which settings have no effect."""
+    from difftune.doctor import diagnose
+    from difftune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="min_snr_gamma is for DDPM models"):
+        diagnose(flux_config(train={"min_snr_gamma": 5.0}))
+    with pytest.raises(ConfigError, match="timestep_sampling = 'sigmoid' is for flow-matching"):
+        diagnose(flux_config(path="tiny-sd", train={"timestep_sampling": "sigmoid"}))
+    with pytest.raises(ConfigError, match="names text_encoder_3, which this model does not have"):
+        diagnose(flux_config(network={"type": "lora"}, train={"train_text_encoder": ["text_encoder_3"]}))
+    warnings = diagnose(flux_config(path="tiny-sd", model={"use_t5": False}, train={"guidance_scale": 3.5}))["warnings"]
+    assert any("use_t5 = false has no effect on sd" in w for w in warnings)
+    assert any("guidance_scale = 3.5 has no effect on sd" in w for w in warnings)
+
+
+def test_sample_takes_model_settings_and_names_another_familys_lora(trained_lora, tmp_path, capsys):
+    from difftune.cli.main import main
+
+    assert main(["sample", "tiny-flux", "--prompt", "a 3", "--out", str(tmp_path / "a.png"), "--steps", "2",
+                 "--set", "model.vae_precision=fp32"]) == 0
+    assert main(["sample", "tiny-flux", "--prompt", "a", "--out", str(tmp_path / "b.png"),
+                 "--set", "model.vae_pth=x"]) == 2
+    assert "did you mean model.vae_path" in capsys.readouterr().err
+    lora = trained_lora[1] / "run.safetensors"
+    assert metadata_of(lora)["ss_network_module"] == "networks.lora_flux"  # kohya's Flux LoRA module
+    assert main(["sample", "tiny-sd", "--prompt", "a", "--out", str(tmp_path / "c.png"), "--lora", str(lora)]) == 2
+    assert "looks like a flux LoRA and tiny-sd is a sd model" in capsys.readouterr().err
+
+
+def metadata_of(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()

@@ -11,7 +11,10 @@ from difftune.training.plan import make_plan
 def diagnose(config: Config) -> dict[str, Any]:
     """Everything doctor reports, as JSON-ready data. Raises DatasetError on unusable data."""
     plan = make_plan(config)
+    from difftune.models.registry import check_family_settings
+
     report = {"config_ok": True, "plan": plan.to_json(), "warnings": list(plan.warnings)}
+    report["warnings"] += check_family_settings(config)  # a setting of the other objective raises here
     report["warnings"] += advice(config, plan.total_steps)
     from difftune.optim.advice import lr_summary
 
@@ -77,11 +80,24 @@ def advice(config: Config, total_steps: int) -> list[str]:
     return optimizer_warnings(config, total_steps, full_finetune=config.network.type in (None, "none"))
 
 
+def bucket_lines(buckets: list[dict[str, Any]]) -> list[str]:
+    """The training images' aspect-ratio buckets (data/buckets.py), tall to wide."""
+    if not buckets:
+        return []
+    lines = ["", "buckets (width x height: images, batches per epoch):"]
+    for row in buckets:
+        width, height = row["resolution"]
+        lines.append(f"  {f'{width}x{height}':<11} images {row['images']:<6} batches {row['batches']}")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     plan = report["plan"]
-    lines = ["config: OK", "", "images per folder (repeats, train, val):"]
+    lines = ["config: OK", "", "images per folder (repeats, train, val, samples per epoch):"]
     for folder, c in sorted(plan["folders"].items()):
-        lines.append(f"  {folder:<40} x{c['repeats']:<4} train {c['train']:<6} val {c['val']}")
+        kind = " (reg)" if c.get("reg") else ""
+        lines.append(f"  {folder + kind:<40} x{c['repeats']:<4} train {c['train']:<6} val {c['val']:<5} "
+                     f"samples {c.get('samples', 0)}")
     lines += [
         "",
         f"train images          {plan['train_images']}",
@@ -92,6 +108,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"epochs                {plan['epochs']}",
         f"total steps           {plan['total_steps']}",
     ]
+    lines += bucket_lines(plan.get("buckets", []))
     for key, value in report.get("extra", {}).items():
         lines.append(f"{key:<21} {value}")
     if report["warnings"]:

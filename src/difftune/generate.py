@@ -13,7 +13,8 @@ from difftune.config.schema import ModelConfig, SampleConfig
 
 def generate(model_path: str, prompts: list[str], out: str | Path, *, lora: str | None = None, scale: float = 1.0,
              seed: int = 0, steps: int = 20, cfg_scale: float | None = None, sampler: str = "euler", negative_prompt: str = "",
-             width: int | None = None, height: int | None = None, clip_skip: int = 1) -> list[Path]:
+             width: int | None = None, height: int | None = None, clip_skip: int = 1,
+             model_settings: dict | None = None) -> list[Path]:
     """Render each prompt (seed, seed+1, ...) and save PNGs: `out` for one prompt, `out` with -N suffixes
     for several, plus a grid `out` when there are several. Returns the written paths."""
     import torch
@@ -24,7 +25,7 @@ def generate(model_path: str, prompts: list[str], out: str | Path, *, lora: str 
     from difftune.reporting.samples import make_grid, render_samples
 
     try:  # the flags are checked like config keys, with the same messages
-        model_config = ModelConfig(path=model_path, clip_skip=clip_skip)
+        model_config = ModelConfig(**{"path": model_path, "clip_skip": clip_skip, **(model_settings or {})})
         sample = SampleConfig(prompts=prompts, seed=seed, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
                               negative_prompt=negative_prompt, width=width, height=height)
     except ValidationError as e:

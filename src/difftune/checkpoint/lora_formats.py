@@ -375,12 +375,12 @@ def lora_metadata(*, network: dict, run: dict[str, str], family_keys: dict[str, 
     train_config = train_config or {}
     resolution = run.get("resolution", "")
     meta = {
-        "ss_network_module": "networks.lora" if plain_lora else "lycoris.kohya",
+        "ss_network_module": family_keys.get("ss_network_module", "networks.lora") if plain_lora else "lycoris.kohya",
         "ss_network_dim": str(network.get("rank") or network.get("block_size") or "None"),
         "ss_network_alpha": str(network.get("alpha") or "None"),
         "ss_network_args": json.dumps(args),
         "ss_network_dropout": str(network.get("dropout") or 0.0),
-        **family_keys,
+        **{k: v for k, v in family_keys.items() if k != "ss_network_module"},
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_sd_model_name": Path(run.get("base_model", "")).name or run.get("base_model", ""),
         "ss_output_name": run.get("output_name", "lora"),

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="difftune", formatter_class=_HelpFormatter,
         description=_text(
-            "Fine-tune Stable Diffusion 1.x/2.x models (full fine-tunes and the LoRA family) and find their "
+            "Fine-tune Stable Diffusion 1.x/2.x, SDXL, Flux.1 and SD3/3.5 models (full fine-tunes and the LoRA family) and find their "
             "learning rate and step count on a deterministic validation loss.",
             "A run is described by one config file (TOML, YAML or JSON); `--set section.key=value` overrides "
             "any key. `difftune COMMAND --help` says what a command reads and what it writes where.",
@@ -376,7 +376,12 @@ def _add_lora_commands(sub) -> None:
     p.add_argument("--scale", type=float, default=1.0, metavar="S",
                    help="strength of the LoRA: its update is multiplied by S (default: %(default)s)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None, metavar="P",
-                   help="saved precision: fp32, fp16 or bf16 (default: fp16 for a .safetensors file, fp32 for a folder)")
+                   help="saved precision: fp32, fp16 or bf16 (default for a .safetensors file: fp16, bf16 for Flux/SD3; "
+                   "fp32 for a folder)")
+    p.add_argument("--set", dest="model_settings", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="a model setting, as in a config's [model] (repeatable), e.g. for a Flux transformer file: "
+                   "--set model.text_encoder_path=clip_l.safetensors --set model.text_encoder_2_path=t5xxl.safetensors "
+                   "--set model.vae_path=ae.safetensors --set model.tokenizer_path=t5-tokenizer/ (default: the model's own settings)")
 
     p = _sub(sub, "sample", "generate images from a model, optionally with a LoRA (training samples' pipeline)", _text(
         "Render each --prompt with MODEL, optionally with a LoRA-family file applied at --scale. It uses the "
@@ -390,6 +395,10 @@ def _add_lora_commands(sub) -> None:
     p.add_argument("--prompt", dest="prompts", action="append", required=True, metavar="TEXT",
                    help="prompt to render (required; repeatable, one image each)")
     p.add_argument("--lora", default=None, metavar="FILE", help="LoRA-family .safetensors to apply (default: none)")
+    p.add_argument("--set", dest="model_settings", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="a model setting, as in a config's [model] (repeatable), e.g. for a Flux transformer file: "
+                   "--set model.text_encoder_path=clip_l.safetensors --set model.text_encoder_2_path=t5xxl.safetensors "
+                   "--set model.vae_path=ae.safetensors --set model.tokenizer_path=t5-tokenizer/ (default: the model's own settings)")
     p.add_argument("--scale", type=float, default=1.0, metavar="S", help="LoRA strength (default: %(default)s)")
     p.add_argument("--seed", type=int, default=sample_defaults["seed"], metavar="N",
                    help="seed of the first prompt; prompt i uses seed + i (default: %(default)s)")
@@ -497,7 +506,7 @@ def cmd_schedule(args) -> int:
     config = load_config(args.config, args.overrides)
     steps = args.steps
     if steps is None:
-        if config.train.max_steps is not None or not config.data.train_dir:
+        if config.train.max_steps is not None or not (config.data.train_dir or config.data.subsets):
             steps = config.train.max_steps or 1000
         else:
             from difftune.training.plan import make_plan
@@ -537,7 +546,8 @@ def cmd_convert(args) -> int:
 def cmd_merge(args) -> int:
     from difftune.network.tools import merge_into_model
 
-    done = merge_into_model(args.base, args.lora, args.scale, args.output, args.precision)
+    done = merge_into_model(args.base, args.lora, args.scale, args.output, args.precision,
+                            model_settings=model_settings(args.model_settings))
     print(f"merged {done['layers']} layers of {args.lora} at scale {done['scale']:g} into {args.base} -> {done['target']}")
     return 0
 
@@ -548,9 +558,30 @@ def cmd_sample(args) -> int:
     written = generate(args.model, args.prompts, args.out, lora=args.lora, scale=args.scale, seed=args.seed,
                        steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
                        negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-                       clip_skip=args.clip_skip)
+                       clip_skip=args.clip_skip, model_settings=model_settings(args.model_settings))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def model_settings(items: list[str]) -> dict:
+    """`--set model.KEY=VALUE` items as ModelConfig fields (only model.* keys: these commands take no config)."""
+    from difftune.config.loading import ConfigError, apply_overrides
+
+    data = apply_overrides({}, items)
+    other = sorted(set(data) - {"model"})
+    if other:
+        raise ConfigError(f"--set {other[0]}.…: this command takes model settings only (model.KEY=VALUE)")
+    import difflib
+
+    from difftune.config.schema import ModelConfig
+
+    known = [k for k in ModelConfig.model_fields if k != "path"]
+    for key in data.get("model", {}):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean model.{close[0]}?)" if close else ""
+            raise ConfigError(f"--set model.{key}: unknown model setting{hint}; valid: {', '.join(known)}")
+    return data.get("model", {})
 
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "doctor": cmd_doctor, "schedule": cmd_schedule}

@@ -84,6 +84,49 @@ class ModelConfig(Section):
         "is fp32).")
 
 
+def _leading_dot(value: str) -> str:
+    """'txt' and '.txt' both mean the .txt files (kohya writes it with the dot, users often without)."""
+    value = value.strip()
+    if value.strip(".") == "" or "/" in value or "\\" in value:
+        raise ValueError("expected a file extension such as '.txt' or '.caption'")
+    return value if value.startswith(".") else "." + value
+
+
+class SubsetConfig(Section):
+    """One `[[data.subsets]]` folder with its own settings; an unset option uses the data.* value."""
+
+    dir: str = Field(description="Folder of images (N_name subfolders and multiply.txt work as in data.train_dir).")
+    repeats: float = Field(1.0, gt=0.0, description="Times each image is used per epoch, multiplied with a folder's "
+                           "N_ prefix or multiply.txt; a fraction (0.5, 1.5) uses that share of the images each "
+                           "epoch, as EveryDream2's multiply.txt.")
+    caption_extension: str | None = Field(None, description="Caption extension of this folder; default: data.caption_extension.")
+    shuffle_tags: bool | None = Field(None, description="Shuffle this folder's caption tags; default: data.shuffle_tags.")
+    keep_tokens: int | None = Field(None, ge=0, description="With shuffle_tags, keep the first N tags; default: data.keep_tokens.")
+    flip_p: float | None = Field(None, ge=0.0, le=1.0, description="Horizontal flip probability; default: data.flip_p.")
+    cond_dropout: float | None = Field(None, ge=0.0, le=1.0, description="Empty-caption probability; default: data.cond_dropout.")
+    is_reg: bool = Field(False, description="Regularisation (prior-preservation) images, as data.reg_dir: never "
+                         "validated, balanced against the training images, loss weighted by train.prior_loss_weight.")
+    mask_dir: str | None = Field(None, description="Same-name grey masks of this folder's images (mirroring its "
+                                 "subfolders), as data.mask_dir for data.train_dir.")
+
+    @field_validator("dir", "mask_dir")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        return expand_home(value)
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _leading_dot(cls, value: str | None) -> str | None:
+        return None if value is None else _leading_dot(value)
+
+    @model_validator(mode="after")
+    def _whole_reg_repeats(self) -> SubsetConfig:
+        if self.is_reg and not float(self.repeats).is_integer():
+            raise ValueError(f"repeats = {self.repeats:g} with is_reg = true: regularisation images take whole repeats "
+                             "(they are balanced against the training images each epoch, the repeats only weight them)")
+        return self
+
+
 class DataConfig(Section):
     train_dir: str | None = Field(None, description="Folder of images with same-name .txt captions; N_name subfolders repeat N times.")
     val_dir: str | None = Field(None, description="Separate validation folder; when set, val_split is ignored.")
@@ -103,8 +146,39 @@ class DataConfig(Section):
         "T5-XXL is 9 GB in bf16, when nothing forbids it.")
     offload_encoders: bool = Field(True, description="With cached text embeddings, keep the frozen text encoders "
                                    "on the CPU (they come to the device only to encode new text, e.g. samples).")
+    reg_dir: str | None = Field(None, description="Regularisation (prior-preservation) images in kohya's N_class "
+                                "folders; an image without a caption file takes its folder's class as the caption.")
+    subsets: list[SubsetConfig] = Field(default_factory=list, description="More image folders, each with its own "
+                                        "repeats and options ([[data.subsets]]); used together with data.train_dir.")
+    caption_from_filename: bool = Field(False, description="An image without a caption file takes its file name as "
+                                        "the caption (EveryDream2: the name up to the first '_'); false: an error.")
+    alpha_mask: bool = Field(False, description="Weight the loss by each image's alpha channel.")
+    mask_dir: str | None = Field(None, description="Folder of same-name grey masks of data.train_dir's images "
+                                 "(mirroring its subfolders, any image extension); the loss is weighted by them.")
+    enable_bucket: bool = Field(True, description="Aspect-ratio buckets (kohya): each image trains at the bucket of "
+                                "about resolution² pixels nearest its aspect ratio, each batch from one bucket; "
+                                "false: every image is center-cropped to a resolution x resolution square.")
+    min_bucket_reso: int | None = Field(None, ge=8, description="Shortest bucket side in pixels; default: "
+                                        "resolution / 2 (kohya's 256 at 512).")
+    max_bucket_reso: int | None = Field(None, ge=8, description="Longest bucket side in pixels; default: resolution x 2.")
+    bucket_reso_steps: int | None = Field(None, ge=8, description="Bucket sides are multiples of this (a multiple of "
+                                          "8 that divides resolution); default: 64, or the largest power of two up to "
+                                          "64 that divides resolution.")
+    bucket_no_upscale: bool = Field(False, description="Never upscale: an image of at most resolution² pixels trains "
+                                    "at its own size rounded down to bucket_reso_steps, a larger one scaled down to "
+                                    "about resolution² (min/max_bucket_reso do not apply).")
+    cache_latents: Literal["off", "memory", "disk"] = Field(
+        "off", description="Encode every training image once with the VAE and train from its stored latent "
+        "distribution, sampled every step (kohya's cache_latents): memory keeps it for the run, disk in "
+        "latent_cache_dir for later runs too (an unchanged image is never encoded again). Needs center_crop = true; "
+        "with flip_p > 0 both the image and its mirror are cached. The VAE then waits on the CPU (offload_encoders).")
+    vae_batch_size: int = Field(1, ge=1, description="Images per VAE call while caching latents (kohya's "
+                                "vae_batch_size; more is faster and takes more device memory).")
+    latent_cache_dir: str | None = Field(None, description="Folder of the disk latent cache; default: "
+                                         "<output.dir>/latent_cache. Entries are keyed by image content and "
+                                         "every setting that changes a latent, so runs may share one folder.")
 
-    @field_validator("train_dir", "val_dir")
+    @field_validator("train_dir", "val_dir", "reg_dir", "mask_dir")
     @classmethod
     def _expand_home(cls, value: str | None) -> str | None:
         return expand_home(value)
@@ -112,11 +186,51 @@ class DataConfig(Section):
     @field_validator("caption_extension")
     @classmethod
     def _leading_dot(cls, value: str) -> str:
-        """'txt' and '.txt' both mean the .txt files (kohya writes it with the dot, users often without)."""
-        value = value.strip()
-        if value.strip(".") == "" or "/" in value or "\\" in value:
-            raise ValueError("expected a file extension such as '.txt' or '.caption'")
-        return value if value.startswith(".") else "." + value
+        return _leading_dot(value)
+
+    @model_validator(mode="after")
+    def _buckets_fit(self) -> DataConfig:
+        """The bucket settings make a bucket list with the resolution x resolution square in it
+        (data/buckets.py; a resolution that is not a multiple of 8 is reported by Config)."""
+        if self.enable_bucket and self.resolution % 8 == 0:
+            from difftune.data.buckets import resolve_data
+
+            resolve_data(self)
+        return self
+
+    @model_validator(mode="after")
+    def _masks_have_a_folder(self) -> DataConfig:
+        if self.mask_dir and not self.train_dir:
+            raise ValueError("data.mask_dir holds the masks of data.train_dir's images, and data.train_dir is not set "
+                             "(a [[data.subsets]] folder takes its own mask_dir)")
+        for i, subset in enumerate(self.subsets):
+            shuffles = self.shuffle_tags if subset.shuffle_tags is None else subset.shuffle_tags
+            if subset.keep_tokens and not shuffles:
+                raise ValueError(f"data.subsets[{i}].keep_tokens only has an effect with shuffle_tags = true "
+                                 "(in the subset, or data.shuffle_tags)")
+        return self
+
+    @field_validator("latent_cache_dir")
+    @classmethod
+    def _expand_cache_home(cls, value: str | None) -> str | None:
+        return expand_home(value)
+
+    @model_validator(mode="after")
+    def _latents_cacheable(self) -> DataConfig:
+        """A cached latent is one fixed crop (data/latent_cache.py caches each flip, not each crop)."""
+        if self.cache_latents != "off" and not self.center_crop:
+            raise ValueError("data.cache_latents needs data.center_crop = true: a random crop changes every epoch, "
+                             "so a cached latent would train one crop only; set center_crop = true or "
+                             "cache_latents = 'off'")
+        if self.latent_cache_dir is not None and self.cache_latents != "disk":
+            raise ValueError(f"data.latent_cache_dir is the folder of cache_latents = 'disk' (cache_latents is "
+                             f"{self.cache_latents!r}): set cache_latents = 'disk' or remove latent_cache_dir")
+        return self
+
+    @property
+    def shuffles_tags(self) -> bool:
+        """data.shuffle_tags or any subset's own shuffle_tags: some caption changes every time it is used."""
+        return self.shuffle_tags or any(s.shuffle_tags for s in self.subsets)
 
 
 class NetworkConfig(Section):
@@ -244,6 +358,8 @@ class TrainConfig(Section):
                                   "given while training (1.0 as kohya and diffusers train); ignored by schnell.")
     blocks_to_swap: int = Field(0, ge=0, description="Keep this many transformer blocks on the CPU and move each "
                                 "in for its forward and backward (kohya/musubi block swap); GPU only.")
+    prior_loss_weight: float = Field(1.0, ge=0.0, description="Loss weight of regularisation images (data.reg_dir, "
+                                     "is_reg subsets), kohya's prior_loss_weight.")
     lr_from: str | None = Field(
         None,
         description="A find-lr result (find_lr.json): sets lr from its recommendation, or for lr_scheduler = 'cyclic' "

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-Size = tuple[int, int]
-"""(height, width) in pixels, the order diffusers' SDXL conditioning uses."""
+from difftune.data.buckets import Size  # noqa: F401  (re-exported: (height, width) in pixels)
 
 
 @dataclass
@@ -28,8 +27,15 @@ class Sample:
     crop_top_left: Size
     """(top, left) of the crop in the resized image; mirrored when the sample is flipped."""
     target_size: Size
-    """The crop's size: what the model is trained to produce."""
+    """The crop's size (the image's bucket): what the model is trained to produce."""
     is_reg: bool = False
+    mask: torch.Tensor | None = None
+    """(1, H, W) loss weights in [0, 1], cropped and flipped as the pixels (data.alpha_mask, data.mask_dir)."""
+    latent_mean: torch.Tensor | None = None
+    """(C, h, w) the VAE's latent mean in raw VAE space, when the latents are cached (data/latent_cache.py:
+    then pixels are an empty placeholder and a mask is at latent resolution)."""
+    latent_std: torch.Tensor | None = None
+    """(C, h, w) the VAE's latent std, with latent_mean."""
 
 
 @dataclass
@@ -41,10 +47,15 @@ class Batch:
     crop_top_lefts: list[Size]
     target_sizes: list[Size]
     masks: torch.Tensor | None = None
-    """(B, 1, H, W) loss weights in [0, 1] at pixel resolution, or None (data issue: masked training)."""
+    """(B, 1, H, W) loss weights in [0, 1] at pixel resolution, or None (no mask: every pixel trains). The
+    validation probe keeps them at latent resolution (its pixels are None)."""
     loss_weights: torch.Tensor | None = None
     """(B,) per-sample weights (e.g. prior-preservation), or None."""
     is_reg: list[bool] = field(default_factory=list)
+    latent_mean: torch.Tensor | None = None
+    """(B, C, h, w) cached latent distributions (data/latent_cache.py; pixels are None, masks at latent
+    resolution): the step samples mean + std·ε from its generator instead of running the VAE."""
+    latent_std: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -62,11 +73,16 @@ class Batch:
 
 
 def collate(samples: list[Sample]) -> Batch:
+    """Samples of one bucket into a batch; where some have a mask, the others train everywhere (ones)."""
+    masks = None
+    if any(s.mask is not None for s in samples):
+        masks = torch.stack([s.mask if s.mask is not None else torch.ones_like(s.pixels[:1]) for s in samples])
     return Batch(
         pixels=torch.stack([s.pixels for s in samples]),
         captions=[s.caption for s in samples],
         original_sizes=[s.original_size for s in samples],
         crop_top_lefts=[s.crop_top_left for s in samples],
         target_sizes=[s.target_size for s in samples],
+        masks=masks,
         is_reg=[s.is_reg for s in samples],
     )

@@ -1,9 +1,17 @@
-"""The training and validation datasets over image records.
+"""The training dataset over image records, batched by aspect-ratio bucket.
 
-Training order: each epoch is a permutation of the repeat-expanded record list drawn from
-(train.seed, epoch); a sample's augmentation is drawn from (train.seed, epoch, position). Both are
-pure functions of those numbers, so resuming at (epoch, position) reproduces the run exactly, with
-any number of loader workers.
+Training order: an epoch's samples (data/epoch.py: record indices with their repeats, fractional
+repeats drawn within each bucket so every bucket's count is the same every epoch) are permuted from
+(train.seed, epoch); grouped by bucket in that order (a shuffle within each bucket), cut into batches
+(data/buckets.py says how, short buckets included), and the batches are permuted from (train.seed,
+epoch) again. With a single bucket the second permutation is left out, so the order is exactly the one
+difftune made before buckets. A sample's augmentation is drawn from (train.seed, epoch, position),
+position being its place in the epoch's batch order. All are pure functions of those numbers, so
+resuming at (epoch, batch) reproduces the run exactly, with any number of loader workers.
+
+Every epoch has `batches_per_epoch` batches, the count of epoch 0 (what training/plan.py counts). The
+per-bucket draw keeps it the same every epoch; were it not, an epoch with more batches would drop its
+last ones and one with fewer would repeat its first ones, so the run's length never moves.
 """
 
 from __future__ import annotations
@@ -16,18 +24,29 @@ from torch.utils.data import DataLoader, Dataset
 
 from difftune.config.schema import DataConfig
 from difftune.data.batch import Sample, collate
+from difftune.data.buckets import (
+    Size,
+    batches_per_epoch,
+    bucket_batch_sizes,
+    bucket_counts,
+    bucket_spec,
+    placements,
+)
+from difftune.data.epoch import epoch_samples
 from difftune.data.records import ImageRecord
-from difftune.data.transforms import load_cropped, process_caption
+from difftune.data.transforms import load_placed, process_caption
+from difftune.errors import DatasetError
 
 
-def expand_repeats(records: list[ImageRecord]) -> list[int]:
-    """Record indices with each repeated `repeats` times (one epoch's worth)."""
-    return [i for i, r in enumerate(records) for _ in range(r.repeats)]
-
-
-def epoch_order(num_records_expanded: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_records_expanded, generator=generator).tolist()
+    return torch.randperm(num_samples, generator=generator).tolist()
+
+
+def batch_order(num_batches: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of an epoch's batches (buckets mixed), independent of epoch_order's draw."""
+    generator = torch.Generator().manual_seed((seed * 100_003 + epoch) * 2 + 1)
+    return torch.randperm(num_batches, generator=generator).tolist()
 
 
 @dataclass(frozen=True)
@@ -37,6 +56,12 @@ class SampleKey:
     position: int
 
 
+def option(record: ImageRecord, name: str, data: DataConfig):
+    """A record's own setting ([[data.subsets]]) where it has one, else the DataConfig's."""
+    value = getattr(record.options, name, None) if record.options is not None else None
+    return getattr(data, name) if value is None else value
+
+
 class TrainDataset(Dataset):
     """Map-style dataset indexed by SampleKey; augmentation is seeded by the key."""
 
@@ -44,6 +69,8 @@ class TrainDataset(Dataset):
         self.records = records
         self.data = data
         self.seed = seed
+        self.spec = bucket_spec(data)
+        self.placements = placements(self.spec, records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -52,48 +79,64 @@ class TrainDataset(Dataset):
         record = self.records[key.record]
         rng = random.Random(f"{self.seed}:{key.epoch}:{key.position}")
         crop = None if self.data.center_crop else rng.random()
-        flip = self.data.flip_p > 0 and rng.random() < self.data.flip_p
-        pixels, original, crop_top_left = load_cropped(record.path, self.data.resolution, crop, flip)
+        flip_p = option(record, "flip_p", self.data)
+        flip = flip_p > 0 and rng.random() < flip_p
+        loaded = load_placed(record.path, self.spec.place, crop, flip, alpha_mask=self.data.alpha_mask,
+                             mask_path=record.mask_path)
+        if loaded.bucket != self.placements[key.record].bucket:
+            raise DatasetError(f"{record.path}: the image changed since the dataset was scanned (it is now "
+                               f"{loaded.original_size[1]}x{loaded.original_size[0]}); start the run again")
         caption = process_caption(
             record.caption,
             rng,
-            cond_dropout=self.data.cond_dropout,
-            shuffle_tags=self.data.shuffle_tags,
-            keep_tokens=self.data.keep_tokens,
+            cond_dropout=option(record, "cond_dropout", self.data),
+            shuffle_tags=option(record, "shuffle_tags", self.data),
+            keep_tokens=option(record, "keep_tokens", self.data),
         )
-        size = (self.data.resolution, self.data.resolution)
-        return Sample(pixels, caption, original_size=original, crop_top_left=crop_top_left, target_size=size)
+        return Sample(loaded.pixels, caption, original_size=loaded.original_size, crop_top_left=loaded.crop_top_left,
+                      target_size=loaded.bucket, is_reg=record.is_reg, mask=loaded.mask)
 
 
 class TrainBatches:
-    """Iterates micro-batches of one epoch from a given position (in samples)."""
+    """Iterates micro-batches of one epoch from a given position (in batches)."""
 
     def __init__(self, records: list[ImageRecord], data: DataConfig, batch_size: int, seed: int):
         self.dataset = TrainDataset(records, data, seed)
-        self.expanded = expand_repeats(records)
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = data.num_workers
-
-    @property
-    def samples_per_epoch(self) -> int:
-        return len(self.expanded)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Full micro-batches only: a short last batch would change the gradient scale."""
-        return max(1, len(self.expanded) // self.batch_size)
+        self._groups = [p.bucket for p in self.dataset.placements]
+        first = epoch_samples(records, seed, 0, self._groups)
+        self.samples_per_epoch = len(first)
+        self.batches_per_epoch = batches_per_epoch(bucket_counts(self.dataset.placements, first), batch_size)
 
     def epoch(self, epoch: int, start_batch: int = 0):
-        """Micro-batches of `epoch`, skipping the first `start_batch` (resume). A dataset smaller than
-        one batch wraps around so every batch is full."""
-        order = epoch_order(len(self.expanded), self.seed, epoch)
-        keys = [
-            SampleKey(self.expanded[order[pos % len(order)]], epoch, pos)
-            for pos in range(start_batch * self.batch_size, self.batches_per_epoch * self.batch_size)
-        ]
-        batched = [keys[i : i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
-        yield from self._iterate(batched)
+        """Micro-batches of `epoch`, skipping the first `start_batch` (resume)."""
+        yield from self._iterate(self.epoch_keys(epoch)[start_batch:])
+
+    def epoch_keys(self, epoch: int) -> list[list[SampleKey]]:
+        """The keys of every micro-batch of `epoch`, in training order (see the module docstring)."""
+        expanded = epoch_samples(self.dataset.records, self.seed, epoch, self._groups)
+        groups: dict[Size, list[int]] = {}
+        for index in epoch_order(len(expanded), self.seed, epoch):
+            record = expanded[index]
+            groups.setdefault(self.dataset.placements[record].bucket, []).append(record)
+        alone = len(groups) == 1
+        batches = []
+        for bucket in sorted(groups):
+            members, start = groups[bucket], 0
+            for size in bucket_batch_sizes(len(members), self.batch_size, alone):
+                batches.append([members[(start + j) % len(members)] for j in range(size)])  # % : a short lone bucket wraps
+                start += size
+        if not alone:
+            batches = [batches[i] for i in batch_order(len(batches), self.seed, epoch)]
+        if batches and len(batches) != self.batches_per_epoch:
+            batches = [batches[i % len(batches)] for i in range(self.batches_per_epoch)]
+        keys, position = [], 0
+        for batch in batches:
+            keys.append([SampleKey(record, epoch, position + j) for j, record in enumerate(batch)])
+            position += len(batch)
+        return keys
 
     def _iterate(self, batched: list[list[SampleKey]]):
         if self.num_workers == 0:

@@ -4,12 +4,15 @@ so a sample's augmentation depends only on (seed, epoch, position) and a resumed
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from difftune.data.batch import Size
+from difftune.data.buckets import Placement, Size, resize_scale, square_spec
+from difftune.errors import DatasetError
 
 
 def load_image(path, resolution: int, crop_position: float | None = None) -> torch.Tensor:
@@ -23,22 +26,90 @@ def load_image(path, resolution: int, crop_position: float | None = None) -> tor
 def load_cropped(path, resolution: int, crop_position: float | None = None,
                  flip: bool = False) -> tuple[torch.Tensor, Size, Size]:
     """load_image's pixels (flipped horizontally if asked) with the image's original (height, width)
-    and the crop's (top, left) in the resized image: what SDXL's micro-conditioning is built from. A
-    flipped crop's left is measured from the other side, as diffusers' SDXL training script does."""
+    and the crop's (top, left) in the resized image: what SDXL's micro-conditioning is built from."""
+    loaded = load_placed(path, square_spec(resolution).place, crop_position, flip)
+    return loaded.pixels, loaded.original_size, loaded.crop_top_left
+
+
+@dataclass
+class Loaded:
+    pixels: torch.Tensor
+    """(3, H, W) in [-1, 1], H x W the bucket."""
+    original_size: Size
+    """(height, width) after the EXIF rotation, before resizing."""
+    crop_top_left: Size
+    bucket: Size
+    mask: torch.Tensor | None = None
+    """(1, H, W) loss weights in [0, 1], cropped and flipped as the pixels; None without a mask."""
+
+
+def load_placed(path, place: Callable[[Size], Placement], crop_position: float | None = None, flip: bool = False,
+                *, alpha_mask: bool = False, mask_path=None) -> Loaded:
+    """Resize the image to cover its bucket (`place(original size)`, data/buckets.py), crop the bucket
+    at `crop_position` along each side with room (None = center), flip horizontally if asked.
+
+    The mask (the image's alpha channel with `alpha_mask`, or the grey image at `mask_path`) is
+    resized with the same size and filter, cropped with the same box and flipped with the pixels. A
+    flipped crop's left is measured from the other side, as diffusers' SDXL training script does.
+    """
     with Image.open(path) as image:
-        image = _to_rgb(ImageOps.exif_transpose(image))  # phone photos store rotation in EXIF
+        image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF
         original = (image.height, image.width)
-        scale = resolution / min(image.size)
-        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+        mask = _alpha(image) if alpha_mask else None
+        if mask_path is not None:
+            mask = _mask_file(mask_path, image.size, path)
+        image = _to_rgb(image)
+    placement = place(original)
+    (bucket_h, bucket_w), (height, width) = placement.bucket, placement.resized
+    scale = resize_scale(placement.bucket, original)
+    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+    image = image.resize((width, height), resample)
     fraction = 0.5 if crop_position is None else crop_position
-    left = round((image.width - resolution) * fraction)
-    top = round((image.height - resolution) * fraction)
-    cropped = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    left = round((width - bucket_w) * fraction)
+    top = round((height - bucket_h) * fraction)
+    box = (left, top, left + bucket_w, top + bucket_h)
+    pixels = torch.from_numpy(np.asarray(image.crop(box), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    if mask is not None:
+        mask = mask.resize((width, height), resample).crop(box)  # "L": the filter's overshoot is clipped to 0..255
+        mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
     if flip:
-        pixels, left = pixels.flip(-1), image.width - left - resolution
-    return pixels, original, (top, left)
+        pixels, left = pixels.flip(-1), width - left - bucket_w
+        mask = None if mask is None else mask.flip(-1)
+    return Loaded(pixels, original, (top, left), placement.bucket, mask)
+
+
+def _alpha(image: Image.Image) -> Image.Image:
+    """The alpha channel as an "L" image; an image without one is opaque everywhere (kohya does so)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA").getchannel("A")
+    return Image.new("L", image.size, 255)
+
+
+MASK_ASPECT_TOLERANCE = 0.01
+
+
+def _mask_file(mask_path, image_size: tuple[int, int], image_path) -> Image.Image:
+    """The mask image as "L" at the image's (width, height): a mask saved at another scale is resized,
+    one of another shape is an error (it is most likely another image's mask)."""
+    try:
+        with Image.open(mask_path) as opened:
+            mask = _to_grey(ImageOps.exif_transpose(opened))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{mask_path}: unreadable mask of {image_path} ({e})") from None
+    if mask.size != image_size:
+        (mw, mh), (iw, ih) = mask.size, image_size
+        if abs(mw * ih - iw * mh) > MASK_ASPECT_TOLERANCE * iw * mh:
+            raise DatasetError(f"{mask_path}: mask is {mw}x{mh} but its image {image_path} is {iw}x{ih}; a mask must "
+                               "have its image's shape (it may be saved at another scale)")
+        mask = mask.resize(image_size, Image.Resampling.BILINEAR)
+    return mask
+
+
+def _to_grey(image: Image.Image) -> Image.Image:
+    """A mask as 8-bit grey (16-bit grey scaled, colour averaged by Pillow's luma)."""
+    if image.mode.startswith("I"):
+        return _to_rgb(image).convert("L")
+    return image.convert("L")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -18,7 +18,8 @@ import torch
 
 from difftune.errors import ConfigError
 from difftune.models.base import count_parameters
-from difftune.models.objectives import FlowMatchObjective, make_flow_objective
+from difftune.models.latent_unet import encode_distribution, sample_distribution
+from difftune.models.objectives import FlowMatchObjective, check_objective_settings, make_flow_objective
 
 FLOW_SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler"}
 """Samplers the flow-matching pipelines take (their schedulers are flow-matching ones)."""
@@ -67,17 +68,23 @@ class FlowTransformerModel:
     def make_objective(self, train=None) -> FlowMatchObjective:
         if train is None:
             return FlowMatchObjective(sampling=self.default_timestep_sampling, shift=self.scheduler_shift)
-        if train.min_snr_gamma is not None:
-            raise ConfigError(f"train.min_snr_gamma is for DDPM models; {self.family} is trained with flow matching: "
-                              "use train.weighting_scheme (none, sigma_sqrt, cosmap) instead")
+        check_objective_settings(train, "flow", self.family)
         return make_flow_objective(train, self.scheduler_shift, self.default_timestep_sampling)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
-        latents = dist.mean if generator is None else dist.sample(generator=generator)
+        return self.latents_from_distribution(*self.encode_latent_distribution(pixels), generator)
+
+    @torch.no_grad()
+    def encode_latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) in raw VAE space, in the VAE's dtype on its device (see LatentUNetModel's)."""
+        return encode_distribution(self.vae, pixels)
+
+    def latents_from_distribution(self, mean: torch.Tensor, std: torch.Tensor,
+                                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """A sample of a stored distribution (the mean without a generator), shifted and scaled."""
         config = self.vae.config
-        return (latents.float() - (config.shift_factor or 0.0)) * config.scaling_factor
+        return (sample_distribution(mean, std, generator).float() - (config.shift_factor or 0.0)) * config.scaling_factor
 
     def text_token_counts(self, captions: list[str]) -> tuple[list[int], int]:
         """Counted by the encoder that reads the most (T5 when present, else CLIP)."""

@@ -46,13 +46,9 @@ class LatentUNetModel:
         settings do not apply to these models: setting one is an error rather than silently ignored."""
         if train is None:
             return DDPMObjective(self.noise_scheduler)
-        flow_only = {"timestep_sampling": "auto", "weighting_scheme": "none"}
-        for key, default in flow_only.items():
-            if getattr(train, key) != default:
-                from difftune.errors import ConfigError
+        from difftune.models.objectives import check_objective_settings
 
-                raise ConfigError(f"train.{key} = {getattr(train, key)!r} is for flow-matching models (Flux, SD3); "
-                                  f"{self.family} is a DDPM model: use train.min_snr_gamma instead, or remove it")
+        check_objective_settings(train, "ddpm", self.family)
         return DDPMObjective(self.noise_scheduler, train.min_snr_gamma)
 
     def text_token_counts(self, captions: list[str]) -> tuple[list[int], int]:
@@ -63,9 +59,18 @@ class LatentUNetModel:
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents of pixels in [-1, 1]; the distribution's mean without a generator (deterministic).
         The VAE runs in its own dtype (kept fp32 where its config asks, see Trainer._place_modules)."""
-        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
-        latents = dist.mean if generator is None else dist.sample(generator=generator)
-        return latents.float() * self.vae.config.scaling_factor
+        return self.latents_from_distribution(*self.encode_latent_distribution(pixels), generator)
+
+    @torch.no_grad()
+    def encode_latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution of pixels in [-1, 1]: (mean, std) in raw VAE space, in the VAE's
+        dtype on its device; what the latent cache (data/latent_cache.py) stores."""
+        return encode_distribution(self.vae, pixels)
+
+    def latents_from_distribution(self, mean: torch.Tensor, std: torch.Tensor,
+                                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """The denoiser's latents of a stored distribution: a sample (the mean without a generator), scaled."""
+        return sample_distribution(mean, std, generator).float() * self.vae.config.scaling_factor
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         return self.unet(noisy, t, **cond).sample
@@ -85,3 +90,22 @@ class LatentUNetModel:
             **{f"{role}_parameters": count_parameters(module) for role, module in self.parts.items()},
             "vae_scale_factor": self.vae_scale_factor,
         }
+
+
+def encode_distribution(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of a diffusers AutoencoderKL's latent distribution, as its DiagonalGaussianDistribution
+    holds them (std from the log-variance clamped to [-30, 20]); shared by every family's adapter base."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def sample_distribution(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """`mean + std · ε`, ε drawn as diffusers' DiagonalGaussianDistribution.sample draws it (randn_tensor of
+    the mean's shape and dtype, from `generator`, on the generator's device when that is the CPU), so a
+    cached distribution samples exactly the latents encoding the image in the step would; the mean
+    without a generator."""
+    if generator is None:
+        return mean
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)

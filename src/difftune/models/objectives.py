@@ -255,3 +255,22 @@ def make_flow_objective(train, shift: float, default_sampling: str, patch_size: 
         logit_std=train.logit_std, mode_scale=train.mode_scale, sigmoid_scale=train.sigmoid_scale,
         weighting_scheme=train.weighting_scheme, patch_size=patch_size,
     )
+
+
+FLOW_ONLY_SETTINGS = {"timestep_sampling": "auto", "weighting_scheme": "none"}
+"""TrainConfig keys (with their defaults) that only flow-matching models read."""
+
+
+def check_objective_settings(train, objective: str, model: str) -> None:
+    """ConfigError for the other objective's loss settings: they would otherwise be silently ignored.
+    `objective` is the family's ("ddpm" or "flow"); `model` names it in the message."""
+    from difftune.errors import ConfigError
+
+    if objective == "flow" and train.min_snr_gamma is not None:
+        raise ConfigError(f"train.min_snr_gamma is for DDPM models; {model} is trained with flow matching: "
+                          "use train.weighting_scheme (none, sigma_sqrt, cosmap) instead")
+    if objective == "ddpm":
+        for key, default in FLOW_ONLY_SETTINGS.items():
+            if getattr(train, key) != default:
+                raise ConfigError(f"train.{key} = {getattr(train, key)!r} is for flow-matching models (Flux, SD3); "
+                                  f"{model} is a DDPM model: use train.min_snr_gamma instead, or remove it")

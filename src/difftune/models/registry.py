@@ -38,6 +38,8 @@ class Family:
     """Role → the prefix of its layers in kohya-layout LoRA files."""
     diffusers_prefixes: dict[str, str] = field(default_factory=dict)
     """Role → the prefix of its layers in diffusers/PEFT-layout LoRA files."""
+    objective: str = "ddpm"
+    """"ddpm" (SD, SDXL) or "flow" (rectified flow: Flux, SD3): which loss settings apply."""
     frozen_text_encoders: tuple[str, ...] = ()
     """Text encoders difftune never trains (T5-XXL): `train_text_encoder = true` leaves them out."""
     lora_marks: tuple[str, ...] = ()
@@ -78,7 +80,7 @@ register(Family(
     pipelines=frozenset({"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                          "StableDiffusion3InpaintPipeline"}),
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),  # CLIP-L, CLIP-G, T5-XXL
-    frozen_text_encoders=("text_encoder_3",),
+    frozen_text_encoders=("text_encoder_3",), objective="flow",
     kohya_prefixes={"denoiser": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2",
                     "text_encoder_3": "lora_te3"},
     diffusers_prefixes={"denoiser": "transformer", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2",
@@ -91,7 +93,7 @@ register(Family(
     module="difftune.models.flux",
     pipelines=frozenset({"FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"}),
     text_encoders=("text_encoder", "text_encoder_2"),  # CLIP-L (pooled), T5-XXL (sequence)
-    frozen_text_encoders=("text_encoder_2",),
+    frozen_text_encoders=("text_encoder_2",), objective="flow",
     kohya_prefixes={"denoiser": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
     diffusers_prefixes={"denoiser": "transformer", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"},
     lora_marks=("lora_unet_double_blocks_", "lora_unet_single_blocks_", "single_transformer_blocks.",
@@ -235,5 +237,25 @@ def trained_roles(config) -> list[str]:
     try:
         family = family_for(config.model)
     except ModelLoadError:
-        return roles_to_train(config.train, ("text_encoder",))  # doctor reports the model problem itself
+        return roles_to_train(config.train, ("text_encoder",), known=False)  # doctor reports the model problem itself
     return roles_to_train(config.train, family.text_encoders, family.frozen_text_encoders)
+
+
+def check_family_settings(config) -> list[str]:
+    """What doctor and the trainer say about settings the configured family does not use, before any
+    model loads: the other objective's loss settings are a ConfigError; settings of another family
+    (`model.use_t5` is SD3's, `train.guidance_scale` Flux.1-dev's) are returned as warnings."""
+    from difftune.models.objectives import check_objective_settings
+
+    try:
+        family = family_for(config.model)
+    except ModelLoadError:
+        return []  # the loader (or doctor) reports the model problem itself
+    check_objective_settings(config.train, family.objective, family.name)
+    warnings = []
+    if not config.model.use_t5 and family.name != "sd3":
+        warnings.append(f"model.use_t5 = false has no effect on {family.name}: it is an SD3/3.5 setting")
+    if config.train.guidance_scale != 1.0 and family.name != "flux":
+        warnings.append(f"train.guidance_scale = {config.train.guidance_scale} has no effect on {family.name}: it is "
+                        "the distilled guidance Flux.1-dev trains with (sample.cfg_scale sets the samples' guidance)")
+    return warnings

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from pydantic import ConfigDict
+from safetensors import safe_open
 
 from difftune.checkpoint import lora_formats as formats
 from difftune.config import network_rules as rules
@@ -407,6 +408,7 @@ class LoraFamilyNetwork:
                 f"{source}: {len(unknown)} layer(s) the network does not train, e.g. {unknown[0]} "
                 f"(network {self.settings.type if self.settings else '?'} with preset "
                 f"'{self.settings.preset if self.settings else '?'}', train_unet/train_text_encoder as configured)"
+                + other_family_hint(self.model, source)
             )
         for name, parts in by_module.items():
             _load_module(modules[name], parts, f"{source}: {name}")
@@ -548,5 +550,23 @@ def _foreign(model: DiffusionModel, tensors: dict[str, torch.Tensor], multiplier
     if skipped:
         raise formats.LoraFormatError(
             f"{source}: {len(skipped)} layer(s) could not be matched to this model or algorithm, e.g. {skipped[0]}"
+            + other_family_hint(model, source)
         )
     return LoraFamilyNetwork(model, net, None, attach=False, multiplier=multiplier)
+
+
+def other_family_hint(model: DiffusionModel, source: str) -> str:
+    """'; the file looks like a Flux LoRA, and the model is SDXL' when the file's own keys say another family."""
+    from difftune.models.registry import FAMILIES, family_of_lora_keys
+
+    try:
+        with safe_open(str(source), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+    except Exception:  # not a readable file (a state dict from elsewhere): no hint
+        return ""
+    ours = next((f.name for f in FAMILIES.values() if f.kohya_prefixes == model.kohya_prefixes
+                 and f.diffusers_prefixes == model.diffusers_prefixes), None)
+    theirs = family_of_lora_keys(keys)
+    if ours is None or theirs == ours:
+        return ""
+    return f"; the file looks like a {theirs} LoRA and {model.family} is a {ours} model: use a base of its family"

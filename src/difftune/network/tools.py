@@ -60,19 +60,21 @@ def _kohya_rank_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return meta
 
 
-def merge_into_model(base: str, lora: str | Path, scale: float, target: str | Path, precision: str | None = None) -> dict[str, Any]:
+def merge_into_model(base: str, lora: str | Path, scale: float, target: str | Path, precision: str | None = None,
+                     model_settings: dict | None = None) -> dict[str, Any]:
     """Load `base`, bake `lora` in at `scale`, and save a full model: one original-layout .safetensors
     when `target` ends with .safetensors (A1111/Forge/ComfyUI checkpoints), else a diffusers folder."""
     from difftune.config.schema import ModelConfig
     from difftune.models import load_model
     from difftune.network.lycoris_net import load_lora_file
 
-    model = load_model(ModelConfig(path=base))
+    model = load_model(ModelConfig(**{"path": base, **(model_settings or {})}))
     network = load_lora_file(model, lora, multiplier=scale, attach=False)
     network.merge(scale)
     target = Path(target)
     if target.suffix.lower() == ".safetensors":
-        dtype = PRECISIONS[precision or "fp16"]
+        # fp16 for SD/SDXL checkpoints; bf16 for the flow transformers, as BFL's and StabilityAI's files are
+        dtype = PRECISIONS[precision or ("bf16" if model.prediction_type == "flow" else "fp16")]
         model.save_single_file(target, dtype=dtype,
                                metadata={"difftune_merged_lora": Path(lora).name, "difftune_merge_scale": str(scale),
                                          "difftune_base_model": str(base)})

@@ -29,19 +29,24 @@ def effective_lrs(train) -> dict[str, float]:
     return {"denoiser": train.lr * factor, "text_encoder": te * factor, "text_encoder_2": te2 * factor}
 
 
-def roles_to_train(train, text_encoder_roles, frozen_roles=()) -> list[str]:
+def roles_to_train(train, text_encoder_roles, frozen_roles=(), known: bool = True) -> list[str]:
     """The denoiser (train.train_unet) and those of `text_encoder_roles` train.train_text_encoder selects.
 
     `frozen_roles` are encoders the family never trains (Flux's and SD3's T5-XXL, as kohya's and
-    diffusers' scripts do not): `true` means every other encoder, and naming one is an error."""
+    diffusers' scripts do not): `true` means every other encoder, and naming one is an error, as is
+    naming an encoder the model does not have (`known` = False: the model is not known yet)."""
     from difftune.errors import ConfigError
 
-    wanted = train.train_text_encoder
-    named = [role for role in frozen_roles if isinstance(wanted, list) and role in wanted]
+    wanted = train.train_text_encoder if isinstance(train.train_text_encoder, list) else []
+    trainable = [r for r in text_encoder_roles if r not in frozen_roles]
+    named = [role for role in frozen_roles if role in wanted]
     if named:
-        trainable = [r for r in text_encoder_roles if r not in frozen_roles]
         raise ConfigError(f"train.train_text_encoder names {named[0]} (T5-XXL), which difftune does not train; "
                           f"the text encoders this model can train: {', '.join(trainable)}")
+    unknown = [role for role in wanted if role not in text_encoder_roles]
+    if unknown and known:
+        raise ConfigError(f"train.train_text_encoder names {unknown[0]}, which this model does not have; its text "
+                          f"encoders: {', '.join(trainable)}")
     roles = ["denoiser"] if train.train_unet else []
     return roles + [role for role in text_encoder_roles if role not in frozen_roles and trains_text_encoder(train, role)]
 

@@ -35,6 +35,7 @@ from difftune.data.batch import Batch
 from difftune.data.dataset import TrainBatches
 from difftune.errors import ConfigError, DiskFullError, TrainingDiverged
 from difftune.models import load_model
+from difftune.models.base import VAE
 from difftune.network import build_network
 from difftune.optim.advice import describe_lr
 from difftune.optim.registry import build_optimizer, build_scheduler, effective_lrs
@@ -84,6 +85,9 @@ class Trainer:
     def _build(self, config: Config, resuming: bool, lr_multiplier) -> None:
         self.memory: MemoryPlan = memory_plan(config, cuda=self.accelerator.device.type == "cuda")
         self.fp8_params, self.block_swap, self.saved_weights = [], None, None
+        from difftune.models.registry import check_family_settings
+
+        self.notes += check_family_settings(config)
         self.model = load_model(config.model)
         self.objective = self.model.make_objective(config.train)
         if self.memory.fp8:  # before the network: LyCORIS wraps each layer's casting forward
@@ -95,7 +99,12 @@ class Trainer:
         self._place_modules(encoders)
         # Filled before the denoiser takes the device's memory: the encoders may need it for a while.
         self.text_cache = self._text_cache() if self.memory.cache_text else None
-        self._place_modules([role for role in self.model.parts if role not in encoders])
+        self.batches = TrainBatches(self.plan.train_records, config.data, config.train.batch_size, config.train.seed)
+        self._place_modules([VAE])  # the latent cache too, then the VAE may leave the device
+        self.latent_cache, self.latent_build, self.vae_offloaded = None, None, False
+        if config.data.cache_latents != "off":
+            self._cache_latents()
+        self._place_modules([role for role in self.model.parts if role not in encoders and role != VAE])
         self._enable_checkpointing()
         train = config.train
         groups = self.network.param_groups(effective_lrs(train))  # one LR per trained role, scale_lr applied
@@ -108,7 +117,6 @@ class Trainer:
         # Multi-GPU slots in here: prepare() wraps modules for DDP and the optimizer for AMP scaling.
         prepared = self.accelerator.prepare(*self.network.trained_modules(), self.optimizer)
         self.prepared_optimizer = prepared[-1]
-        self.batches = TrainBatches(self.plan.train_records, config.data, train.batch_size, train.seed)
         self.val_probe = self._probe(self.plan.val_records)
         self.stable_probe = self._probe(self.plan.stable_train_records)
         self.state = TrainerState()
@@ -229,7 +237,7 @@ class Trainer:
             generator = step_generator(cfg.train.seed, self.state.step, micro)
             loss = batch_loss(self.model, self.objective, batch, generator, device=accelerator.device,
                               autocast=accelerator.autocast, noise_offset=cfg.train.noise_offset, text_grad=text_grad,
-                              text_cache=self.text_cache)
+                              text_cache=self.text_cache, prior_loss_weight=cfg.train.prior_loss_weight)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss is {loss.item()} at step {self.state.step + 1} (lr {self.current_lrs()['lr']:.3g})",
@@ -258,13 +266,13 @@ class Trainer:
     # ------------------------------------------------------------------------------ periodic events
     def evaluate_probe(self, probe: FixedProbe) -> ProbeResult:
         """Per-item losses of any fixed probe under the weights validation sees (the tuners' raw data)."""
-        with self._eval_weights():
+        with self._eval_weights(), self._vae_on_device():
             return probe.evaluate(self.model, self.objective, self.accelerator.autocast, self.text_cache)
 
     def validate(self) -> dict[str, float]:
         """Deterministic validation (and stabilized train) loss of the current weights."""
         out = {}
-        with self._eval_weights():
+        with self._eval_weights(), self._vae_on_device():  # a probe encodes its images the first time
             if self.val_probe is not None:
                 result = self.val_probe.evaluate(self.model, self.objective, self.accelerator.autocast, self.text_cache)
                 out["val_loss"] = result.loss
@@ -278,7 +286,7 @@ class Trainer:
     def _sample(self, name: str) -> None:
         # Samples run the pipeline's own text encoding: offloaded encoders come to the device meanwhile.
         encoders = self.text_cache.encoders_on_device() if self.text_cache is not None else contextlib.nullcontext()
-        with self._eval_weights(), encoders:
+        with self._eval_weights(), encoders, self._vae_on_device():
             write_sample_grid(
                 self.model, self.config.sample, self.config.data.resolution,
                 self.run_dir.samples / f"{name}.png", title=f"{name}  seed {self.config.sample.seed}",
@@ -395,11 +403,42 @@ class Trainer:
         cache.add([r.caption for r in records] + [""], show_progress=self.show_progress)
         return cache
 
+    def _cache_latents(self) -> None:
+        """data.cache_latents: every training image's latent distribution encoded once (data/latent_cache.py),
+        the batches read from it; then the frozen VAE waits on the CPU with data.offload_encoders (it comes
+        back to encode the probes' images and decode samples)."""
+        from difftune.data.latent_cache import CachedBatches, LatentCache
+
+        data = self.config.data
+        folder = None
+        if data.cache_latents == "disk":
+            folder = Path(data.latent_cache_dir) if data.latent_cache_dir else self.run_dir.root / "latent_cache"
+        self.latent_cache = LatentCache(folder)
+        self.latent_build = self.latent_cache.build(self.model, self.batches.dataset, data.vae_batch_size,
+                                                    show_progress=self.show_progress)
+        self.batches = CachedBatches(self.batches, self.latent_cache)
+        if data.offload_encoders and self.accelerator.device.type != "cpu":
+            self.model.parts[VAE].to("cpu")
+            self.vae_offloaded = True
+
+    @contextlib.contextmanager
+    def _vae_on_device(self):
+        """The VAE on the device for the duration (a no-op unless cached latents offloaded it)."""
+        if not self.vae_offloaded:
+            yield
+            return
+        vae = self.model.parts[VAE]
+        vae.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            vae.to("cpu")
+
     def _probe(self, records) -> FixedProbe | None:
         if not records:
             return None
         v = self.config.validation
-        return FixedProbe(records, self.config.data.resolution, v.seed, v.draws_per_image,
+        return FixedProbe(records, self.config.data, v.seed, v.draws_per_image,
                           v.batch_size or self.config.train.batch_size)
 
     def _resume(self) -> None:
@@ -423,7 +462,7 @@ class Trainer:
             f"{describe_lr(self.config, plan.total_steps)}" + (f" (resuming at step {self.state.step})" if self.state.step else "")
         )
         memory = self._memory_lines()
-        if self.text_cache is not None or self.memory.fp8 or self.block_swap is not None:
+        if self.text_cache is not None or self.latent_cache is not None or self.memory.fp8 or self.block_swap:
             progress.write("memory: " + "; ".join(f"{k} {v}" for k, v in memory.items()))
         for warning in [*plan.warnings, *self.notes]:
             progress.write(f"warning: {warning}")
@@ -434,6 +473,12 @@ class Trainer:
         lines = self.memory.lines(blocks)
         if self.text_cache is not None:
             lines["text embeddings"] += f", {len(self.text_cache)} captions, {self.text_cache.nbytes / 2**20:.1f} MiB"
+        if self.latent_cache is not None:
+            build, folder = self.latent_build, self.latent_cache.folder
+            where = f"on disk in {folder}" if folder is not None else f"in memory, {self.latent_cache.nbytes / 2**20:.1f} MiB"
+            lines["latents"] = (f"cached {where}: {build.entries} images/flips, {build.encoded} encoded in "
+                                f"{build.seconds:.1f} s, {build.reused} reused; VAE "
+                                + ("on the CPU between uses" if self.vae_offloaded else "stays on the device"))
         return lines
 
     def _metadata(self) -> dict[str, str]:

@@ -127,7 +127,7 @@ def _refuse_changed_training(config: Config, run: RunDir) -> None:
         listing = "\n  ".join(changed)
         raise ConfigError(
             f"--resume {run.root}: the config differs from the run's {RESOLVED_CONFIG}:\n  {listing}\n"
-            "A resume continues the same training; only the run length (train.max_steps, train.max_epochs), "
-            "output.*, sample.*, validation.every_n_* and data.num_workers may change. Resume with the run's own "
+            "A resume continues the same training; only these may change: "
+            f"{', '.join(k + '*' if k.endswith('.') else k for k in MAY_CHANGE_ON_RESUME)}. Resume with the run's own "
             f"config (`difftune train {run.config} --resume {run.root}`), or start a new run in another output.dir"
         )

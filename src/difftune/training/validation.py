@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from difftune.config.schema import DataConfig
 from difftune.data.batch import Batch, Sample, collate
+from difftune.data.buckets import bucket_spec, placements, square_spec
 from difftune.data.records import ImageRecord
-from difftune.data.transforms import load_cropped
+from difftune.data.transforms import load_placed
 from difftune.models.base import DiffusionModel
 from difftune.models.objectives import Objective
-from difftune.training.step import per_sample_loss
+from difftune.training.step import check_latent_size, latent_mask, per_sample_loss
 
 
 @dataclass
@@ -31,32 +33,46 @@ class ProbeResult:
     """Loss per probe item, shape (num_items,)."""
     timesteps: np.ndarray
     buckets: np.ndarray
-    """Timestep bucket of each item (0 = least noise), for per-bucket normalisation."""
+    """Timestep bucket of each item (0 = least noise), for per-bucket normalisation (not the image buckets)."""
 
 
 class FixedProbe:
-    """A fixed set of probe items over some images; `evaluate(model, objective)` gives the deterministic loss."""
+    """A fixed set of probe items over some images; `evaluate(model, objective)` gives the deterministic loss.
+
+    Each image keeps its own aspect-ratio bucket (data/buckets.py; center crop, no flip, as training
+    would place it) and the items are evaluated in batches of one bucket. Items are ordered by bucket,
+    then by image path, then by draw. The fixed draw, from `validation.seed`: first the noise of each
+    bucket's items in bucket order, then one stratified set of timesteps over all items, each turned
+    into its bucket's σ with that bucket's latent size (Flux's shift depends on it). With one bucket
+    this is the draw the probe made before buckets. With a mask configured (data.alpha_mask,
+    data.mask_dir) the probe's loss is masked as the training loss is: the validation loss then measures
+    what training optimises, and the masked-out pixels (which nothing trains) add no noise to it.
+    """
 
     def __init__(
         self,
         records: list[ImageRecord],
-        resolution: int,
+        data: DataConfig | int,
         seed: int,
         draws_per_image: int = 1,
         batch_size: int = 8,
         num_buckets: int = 5,
     ):
+        """`data`: the DataConfig (its buckets and masks), or a resolution for one square bucket."""
         if not records:
             raise ValueError("a validation probe needs at least one image")
-        self.records = sorted(records, key=lambda r: r.key)
-        self.resolution = resolution
+        self.spec = square_spec(data) if isinstance(data, int) else bucket_spec(data)
+        self.alpha_mask = False if isinstance(data, int) else data.alpha_mask
+        placed = placements(self.spec, records)
+        order = sorted(range(len(records)), key=lambda i: (placed[i].bucket, records[i].key))
+        self.records = [records[i] for i in order]
+        self._buckets = [placed[i].bucket for i in order]
+        self.resolution = self.spec.resolution
         self.seed = seed
         self.draws = draws_per_image
         self.batch_size = batch_size
         self.num_buckets = num_buckets
-        self._latents: torch.Tensor | None = None
-        self._meta: Batch | None = None
-        self._noise: torch.Tensor | None = None
+        self._groups: list[_Group] | None = None
         self._timesteps: torch.Tensor | None = None
 
     @property
@@ -67,25 +83,49 @@ class FixedProbe:
     def captions(self) -> list[str]:
         return [r.caption for r in self.records for _ in range(self.draws)]
 
+    @property
+    def masked(self) -> bool:
+        return self.alpha_mask or any(r.mask_path is not None for r in self.records)
+
     def _prepare(self, model: DiffusionModel, objective: Objective) -> None:
-        """Encode images once (VAE mean, center crop, no augmentation) and draw the fixed noise and timesteps."""
-        if self._latents is not None:
+        """Encode images once per bucket (VAE mean, center crop, no augmentation) and draw the fixed
+        noise and timesteps."""
+        if self._groups is not None:
             return
-        latents, samples = [], []
-        for start in range(0, len(self.records), self.batch_size):
-            chunk = self.records[start : start + self.batch_size]
-            loaded = [load_cropped(r.path, self.resolution) for r in chunk]
-            latents.append(model.encode_images(torch.stack([pixels for pixels, _, _ in loaded])).cpu())
-            size = (self.resolution, self.resolution)
-            samples += [Sample(torch.empty(0), r.caption, original, crop, size)
-                        for r, (_, original, crop) in zip(chunk, loaded, strict=True) for _ in range(self.draws)]
-        per_image = torch.cat(latents)
-        self._latents = per_image.repeat_interleave(self.draws, dim=0)
-        self._meta = collate(samples)
-        self._meta.pixels = None  # the probe keeps latents; the metadata is what conditioning reads
+        groups, start = [], 0
+        for bucket in dict.fromkeys(self._buckets):
+            records = [r for r, b in zip(self.records, self._buckets, strict=True) if b == bucket]
+            groups.append(self._encode(model, objective, records, start))
+            start += len(records) * self.draws
         generator = torch.Generator().manual_seed(self.seed)
-        self._noise = torch.randn(self._latents.shape, generator=generator)
-        self._timesteps = objective.probe_t(self.num_items, generator, tuple(self._latents.shape[-2:]))
+        for group in groups:
+            group.noise = torch.randn(group.latents.shape, generator=generator)
+        state = generator.get_state()
+        timesteps = []
+        for group in groups:  # the same stratified draw for every bucket, each item's σ at its bucket's size
+            drawn = objective.probe_t(self.num_items, torch.Generator().set_state(state), group.latent_hw)
+            timesteps.append(drawn[group.start : group.start + len(group.latents)])
+        self._groups, self._timesteps = groups, torch.cat(timesteps)
+
+    def _encode(self, model: DiffusionModel, objective: Objective, records: list[ImageRecord], start: int) -> _Group:
+        latents, samples, masks = [], [], []
+        for first in range(0, len(records), self.batch_size):
+            chunk = records[first : first + self.batch_size]
+            loaded = [load_placed(r.path, self.spec.place, alpha_mask=self.alpha_mask, mask_path=r.mask_path)
+                      for r in chunk]
+            encoded = model.encode_images(torch.stack([item.pixels for item in loaded]))
+            check_latent_size(model, objective, encoded)
+            latents.append(encoded.cpu())
+            if self.masked:
+                pixel_masks = torch.stack([item.mask if item.mask is not None else torch.ones_like(item.pixels[:1])
+                                           for item in loaded])
+                masks.append(latent_mask(pixel_masks, encoded).cpu())
+            samples += [Sample(torch.empty(0), r.caption, item.original_size, item.crop_top_left, item.bucket)
+                        for r, item in zip(chunk, loaded, strict=True) for _ in range(self.draws)]
+        meta = collate(samples)
+        meta.pixels = None  # the probe keeps latents; the metadata is what conditioning reads
+        meta.masks = torch.cat(masks).repeat_interleave(self.draws, dim=0) if masks else None  # latent resolution
+        return _Group(torch.cat(latents).repeat_interleave(self.draws, dim=0), meta, start)
 
     @torch.no_grad()
     def evaluate(self, model: DiffusionModel, objective: Objective, autocast=None, text_cache=None) -> ProbeResult:
@@ -97,23 +137,43 @@ class FixedProbe:
         for m in modules:
             m.eval()
         device = model.device
-        losses = []
+        losses, levels = [], []
         try:
-            for start in range(0, self.num_items, self.batch_size):
-                end = min(start + self.batch_size, self.num_items)
-                latents = self._latents[start:end].to(device)
-                meta = self._meta.slice(start, end)
-                with autocast() if autocast else nullcontext():
-                    text = text_cache.lookup(meta.captions) if text_cache is not None else model.encode_text(meta.captions)
-                    cond = model.condition(text, meta)
-                    loss = per_sample_loss(model, objective, latents, cond, self._noise[start:end].to(device),
-                                           self._timesteps[start:end].to(device), weighted=False)
-                losses.append(loss.double().cpu())
+            for group in self._groups:
+                timesteps = self._timesteps[group.start : group.start + len(group.latents)]
+                for start in range(0, len(group.latents), self.batch_size):
+                    end = min(start + self.batch_size, len(group.latents))
+                    meta = group.meta.slice(start, end)
+                    mask = None if meta.masks is None else meta.masks.to(device)
+                    with autocast() if autocast else nullcontext():
+                        text = (text_cache.lookup(meta.captions) if text_cache is not None
+                                else model.encode_text(meta.captions))
+                        cond = model.condition(text, meta)
+                        loss = per_sample_loss(model, objective, group.latents[start:end].to(device), cond,
+                                               group.noise[start:end].to(device), timesteps[start:end].to(device),
+                                               weighted=False, mask=mask)
+                    losses.append(loss.double().cpu())
+                levels.append(objective.level(timesteps, group.latent_hw))
         finally:
             for m, training in zip(modules, was_training, strict=True):
                 m.train(training)
         item_losses = torch.cat(losses).numpy()
         timesteps = self._timesteps.numpy()
-        levels = objective.level(self._timesteps, tuple(self._latents.shape[-2:])).numpy()
+        levels = torch.cat(levels).numpy()
         buckets = np.minimum((levels * self.num_buckets).astype(np.int64), self.num_buckets - 1)
         return ProbeResult(float(item_losses.mean()), item_losses, timesteps, buckets)
+
+
+@dataclass
+class _Group:
+    """The probe items of one bucket: latents (and the masks in `meta`) at latent resolution, the fixed noise."""
+
+    latents: torch.Tensor
+    meta: Batch
+    start: int
+    """Index of the group's first item among all items."""
+    noise: torch.Tensor | None = None
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return tuple(self.latents.shape[-2:])

@@ -130,7 +130,7 @@ def make_probes(trainer, config: Config) -> dict[str, Any]:
 
     settings, v = config.find_lr, config.validation
     return {
-        name: FixedProbe(records, config.data.resolution, v.seed,
+        name: FixedProbe(records, config.data, v.seed,
                          max(v.draws_per_image, math.ceil(settings.probe_items / len(records))),
                          v.batch_size or config.train.batch_size)
         for name, records in probe_sources(trainer, config).items()

@@ -100,16 +100,21 @@ class FluxModel(FlowTransformerModel):
 
     @property
     def notes(self) -> list[str]:
+        notes = []
         if self.clip_skip > 1:
-            return [f"model.clip_skip = {self.clip_skip} has no effect on Flux: it reads CLIP-L's pooled output and "
-                    "T5's last layer, as it was trained"]
-        return []
+            notes.append(f"model.clip_skip = {self.clip_skip} has no effect on Flux: it reads CLIP-L's pooled output and "
+                         "T5's last layer, as it was trained")
+        if getattr(self, "guidance_ignored", False):
+            notes.append(f"train.guidance_scale = {self.guidance_scale} has no effect on {self.family}: schnell has no "
+                         "guidance embedding")
+        return notes
 
     def make_objective(self, train=None):
         """The flow objective; also where a training config reaches the family: dev's guidance value is
         taken from train.guidance_scale."""
         if train is not None:
             self.guidance_scale = float(train.guidance_scale)
+            self.guidance_ignored = not self.has_guidance and train.guidance_scale != 1.0
         return super().make_objective(train)
 
     def longest_reading_tokenizer(self):
@@ -157,5 +162,5 @@ class FluxModel(FlowTransformerModel):
 
     def lora_metadata(self) -> dict[str, str]:
         variant = "schnell" if self.family.endswith("schnell") else "dev"
-        return {"ss_base_model_version": "flux1", "ss_v2": "False",
+        return {"ss_base_model_version": "flux1", "ss_v2": "False", "ss_network_module": "networks.lora_flux",
                 "modelspec.architecture": f"flux-1-{variant}/lora"}

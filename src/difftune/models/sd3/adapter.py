@@ -139,4 +139,5 @@ class StableDiffusion3Model(FlowTransformerModel):
 
     def lora_metadata(self) -> dict[str, str]:
         return {"ss_base_model_version": BASE_MODEL_VERSIONS.get(self.family, self.family), "ss_v2": "False",
+                "ss_network_module": "networks.lora_sd3",
                 "modelspec.architecture": MODELSPEC_ARCHITECTURES.get(self.family, f"difftune-{self.family}") + "/lora"}

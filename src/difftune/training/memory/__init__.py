@@ -136,11 +136,11 @@ def _resolve_cache(config: Config, text_trained: list[str]) -> bool:
     data = config.data
     wanted = data.cache_text_embeddings
     if wanted == "auto":
-        return _family_name(config) in CACHE_BY_DEFAULT and not text_trained and not data.shuffle_tags
+        return _family_name(config) in CACHE_BY_DEFAULT and not text_trained and not data.shuffles_tags
     if not wanted:
         return False
-    if data.shuffle_tags:
-        raise ConfigError("data.cache_text_embeddings = true and data.shuffle_tags = true: shuffled captions differ every "
+    if data.shuffles_tags:
+        raise ConfigError("data.cache_text_embeddings = true and data.shuffle_tags = true (or a subset's): shuffled captions differ every "
                           "step, so stored embeddings would train on other text than the step's caption; turn one of "
                           "them off (cache_text_embeddings = 'auto' caches only without shuffle_tags)")
     if text_trained:

@@ -10,11 +10,15 @@ each in this one process, one after the other (nothing else should run meanwhile
 - cache build: encoding every (image, flip) once (data.cache_latents = disk, cold), the same folder
   again (warm: every entry found, every content hash memoised), and again after touching every image
   (each file hashed again, nothing encoded);
+- what the cache takes out of a step: the time to make a batch and to encode it with the VAE, against
+  the time to read a cached batch and sample its latents, per batch of epoch 0;
 - training: optimizer steps per second of the same run (same seed, batches, draws) with
   cache_latents = off, memory and disk, timed after the trainer is built (the cache build excluded;
-  it is reported above), and the speed-up of the cached runs over the uncached one.
+  it is reported above). The three runs step side by side, one step each in turn, and the speed-up is
+  the median over steps of the uncached step's time over the cached one's: a paired measurement,
+  which a shared machine's drift (runs of one mode here varied by 15 %) moves far less.
 
-    python bench/data_scale.py [--images 2000] [--resolution 64] [--steps 40] [--batch-size 8] [--threads 1]
+    python bench/data_scale.py [--images 2000] [--resolution 64] [--steps 60] [--batch-size 8]
 
 Writes bench/results/data_scale.json and .md (the command included); the images and caches live under
 bench/work/data_scale/ (gitignored; the images are generated once and reused).
@@ -100,31 +104,75 @@ def data_path(batches, limit: int) -> dict[str, float]:
     return {"samples": samples, "seconds": round(seconds, 3), "samples_per_second": round(samples / seconds, 1)}
 
 
-def training(config, steps: int) -> dict[str, Any]:
-    """Steps per second of `steps` optimizer steps after one warm-up step (build and cache excluded)."""
+def latent_work(model, plain, cached, limit: int) -> dict[str, float]:
+    """Milliseconds per batch of what caching replaces: making the batch and encoding it (a latent sample,
+    as the step draws it) against reading the cached batch and sampling it, over `limit` batches."""
+    from difftune.training.step import step_generator
+
+    def per_batch(batches, latents) -> tuple[float, float]:
+        make = encode = 0.0
+        iterator = batches.epoch(0)
+        for i in range(limit):
+            batch, seconds = timed(lambda: next(iterator))
+            make += seconds
+            generator = step_generator(1, i, 0)
+            started = time.perf_counter()
+            latents(batch, generator)
+            encode += time.perf_counter() - started
+        return 1000 * make / limit, 1000 * encode / limit
+
+    with torch.no_grad():
+        make_off, encode_off = per_batch(plain, lambda b, g: model.encode_images(b.pixels, g))
+        make_on, encode_on = per_batch(cached, lambda b, g: model.latents_from_distribution(b.latent_mean, b.latent_std, g))
+    return {"batches": limit, "uncached_make_ms": round(make_off, 2), "uncached_vae_ms": round(encode_off, 2),
+            "cached_read_ms": round(make_on, 2), "cached_sample_ms": round(encode_on, 3),
+            "removed_ms_per_batch": round(make_off + encode_off - make_on - encode_on, 2)}
+
+
+def training(configs: dict[str, Any], steps: int) -> dict[str, dict[str, Any]]:
+    """The runs of `configs` (mode → config) side by side: each step is taken by every run in turn (the
+    same batch and draws in each), so a slow moment of a shared machine slows them all alike. Returns per
+    mode the median step time and the median of its per-step ratio to the uncached run's (build and cache
+    excluded; one warm-up step each)."""
+    import statistics
+
     from difftune.training.loop import Trainer
 
-    trainer, build_s = timed(lambda: Trainer(config, show_progress=False))
+    trainers, builds = {}, {}
     try:
-        groups = trainer.step_groups()
-        trainer.train_step(next(groups))  # warm-up: first-call allocations
-        losses, seconds = timed(lambda: [trainer.train_step(next(groups)) for _ in range(steps)])
-        build = trainer.latent_build
-        return {"trainer_build_seconds": round(build_s, 2), "steps": steps, "seconds": round(seconds, 2),
-                "steps_per_second": round(steps / seconds, 3),
-                "images_per_second": round(steps * config.train.batch_size / seconds, 1),
-                "last_loss": losses[-1],
-                "cache": None if build is None else {"entries": build.entries, "encoded": build.encoded,
-                                                     "seconds": round(build.seconds, 2)}}
+        for mode, config in configs.items():
+            trainers[mode], builds[mode] = timed(lambda config=config: Trainer(config, show_progress=False))
+        groups = {mode: trainer.step_groups() for mode, trainer in trainers.items()}
+        times: dict[str, list[float]] = {mode: [] for mode in trainers}
+        losses: dict[str, list[float]] = {mode: [] for mode in trainers}
+        for step in range(steps + 1):
+            for mode, trainer in trainers.items():
+                loss, seconds = timed(lambda mode=mode, trainer=trainer: trainer.train_step(next(groups[mode])))
+                if step:  # step 0 warms up (first-call allocations)
+                    times[mode].append(seconds)
+                    losses[mode].append(loss)
+        out = {}
+        for mode, trainer in trainers.items():
+            median = statistics.median(times[mode])
+            ratio = statistics.median(o / t for o, t in zip(times["off"], times[mode], strict=True))
+            build = trainer.latent_build
+            out[mode] = {"trainer_build_seconds": round(builds[mode], 2), "steps": steps,
+                         "median_step_ms": round(1000 * median, 1), "steps_per_second": round(1 / median, 3),
+                         "images_per_second": round(configs[mode].train.batch_size / median, 1),
+                         "speedup_over_off": round(ratio, 3), "last_loss": losses[mode][-1],
+                         "cache": None if build is None else {"entries": build.entries, "encoded": build.encoded,
+                                                              "seconds": round(build.seconds, 2)}}
+        return out
     finally:
-        trainer.close()
+        for trainer in trainers.values():
+            trainer.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per training run")
+    parser.add_argument("--steps", type=int, default=60, help="timed optimizer steps per training run")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--vae-batch-size", type=int, default=8)
     parser.add_argument("--data-batches", type=int, default=100, help="batches read per data-path measurement")
@@ -177,15 +225,22 @@ def main() -> None:
     for name, row in paths.items():
         print(f"data path {name}: {row['samples_per_second']} samples/s", flush=True)
 
-    runs = {}
+    work = latent_work(model, batches, CachedBatches(batches, memory), min(args.data_batches, 50))
+    print(f"per batch: uncached {work['uncached_make_ms']} ms to make + {work['uncached_vae_ms']} ms VAE; cached "
+          f"{work['cached_read_ms']} ms to read + {work['cached_sample_ms']} ms to sample", flush=True)
+
+    configs = {}
     for mode in ("off", "memory", "disk"):
         extra = {"latent_cache_dir": str(cache_dir)} if mode == "disk" else {}
-        runs[mode] = training(make_config(images, WORK / f"run-{mode}", args, cache_latents=mode, **extra), args.steps)
-        print(f"training cache_latents={mode}: {runs[mode]['steps_per_second']} steps/s", flush=True)
+        configs[mode] = make_config(images, WORK / f"run-{mode}", args, cache_latents=mode, **extra)
+    runs = training(configs, args.steps)
+    for mode, row in runs.items():
+        print(f"training cache_latents={mode}: {row['steps_per_second']} steps/s, x{row['speedup_over_off']}", flush=True)
+    step_ms = runs["off"]["median_step_ms"]
+    work["share_of_an_uncached_step"] = round(work["removed_ms_per_batch"] / step_ms, 4)
+    work["expected_speedup"] = round(step_ms / (step_ms - work["removed_ms_per_batch"]), 3)
     off_loss = runs["off"]["last_loss"]
     apart = max(abs(runs[m]["last_loss"] - off_loss) / abs(off_loss) for m in ("memory", "disk"))
-    for mode in ("memory", "disk"):
-        runs[mode]["speedup_over_off"] = round(runs[mode]["steps_per_second"] / runs["off"]["steps_per_second"], 2)
 
     results = {
         "what": "buckets and the latent cache on a generated dataset of mixed-size images, tiny-sd on the CPU",
@@ -193,11 +248,13 @@ def main() -> None:
         "dataset": {"images": len(records), "long_side_px": [64, 512], "aspects": [f"{w}:{h}" for w, h in ASPECTS],
                     "formats": "3/4 JPEG (q 90), 1/4 PNG", "generate_seconds": round(generate_s, 1),
                     "scan_seconds": round(scan_s, 2), "buckets": dict(sorted(buckets.items()))},
-        "settings": {"resolution": args.resolution, "bucket_reso_steps": 8, "flip_p": 0.5,
-                     "batch_size": args.batch_size, "vae_batch_size": args.vae_batch_size, "threads": args.threads},
+        "settings": {"resolution": args.resolution, "bucket_reso_steps": 8, "flip_p": 0.5, "steps": args.steps,
+                     "batch_size": args.batch_size, "vae_batch_size": args.vae_batch_size,
+                     "threads": args.threads},
         "cache_build": {name: {"entries": s.entries, "encoded": s.encoded, "hashed": s.hashed,
                                "seconds": round(s.seconds, 2)} for name, s in builds.items()},
         "data_path": paths,
+        "latent_work_per_batch": work,
         "training": runs,
         "cached_vs_uncached_last_loss_relative_difference": apart,
         "difftune_version": __version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -228,14 +285,27 @@ def markdown(r: dict[str, Any]) -> str:
               "| --- | ---: | ---: |"]
     for name, p in r["data_path"].items():
         lines.append(f"| {name} | {p['samples']} | {p['samples_per_second']} |")
-    lines += ["", "## Training (timed steps after the trainer is built)", "",
-              "| cache_latents | steps/s | images/s | speed-up over off | trainer build s |", "| --- | ---: | ---: | ---: | ---: |"]
+    w = r["latent_work_per_batch"]
+    lines += ["", f"## What the cache takes out of a step (ms per batch, {w['batches']} batches)", "",
+              "| | make the batch | latents |", "| --- | ---: | ---: |",
+              f"| uncached (load images; VAE encode + sample) | {w['uncached_make_ms']} | {w['uncached_vae_ms']} |",
+              f"| cached (read entries; sample mean + std·ε) | {w['cached_read_ms']} | {w['cached_sample_ms']} |", "",
+              f"Removed per step: {w['removed_ms_per_batch']} ms, {100 * w['share_of_an_uncached_step']:.1f} % of an "
+              f"uncached step here, so the expected speed-up is {w['expected_speedup']}x: on the tiny model the "
+              "denoiser's step dominates; the share is what the VAE and the image decoding cost against the "
+              "denoiser's forward and backward, so it grows with larger source images and a larger VAE.",
+              "", f"## Training ({s['steps']} timed steps, the three runs stepping in turn)", "",
+              "| cache_latents | median step ms | steps/s | images/s | speed-up over off (median of paired steps) | "
+              "trainer build s |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for mode, t in r["training"].items():
-        lines.append(f"| {mode} | {t['steps_per_second']} | {t['images_per_second']} | "
-                     f"{t.get('speedup_over_off', 1.0)} | {t['trainer_build_seconds']} |")
+        lines.append(f"| {mode} | {t['median_step_ms']} | {t['steps_per_second']} | {t['images_per_second']} | "
+                     f"{t['speedup_over_off']} | {t['trainer_build_seconds']} |")
     lines += ["", "Last loss with the cache vs without, relative difference: "
-              f"{r['cached_vs_uncached_last_loss_relative_difference']:.2g} (0: the same training; the VAE encodes "
-              "batches of other sizes while caching, which moves the last float bits on the CPU).", ""]
+              f"{r['cached_vs_uncached_last_loss_relative_difference']:.2g} (0 is the same training to the bit; the "
+              "VAE's CPU kernels give an image encoded alone other last bits than in a batch, so a bucket's odd image "
+              "out in a VAE batch of one can move the last bits of the losses).", "",
+              "The data path is one process on one core (data.num_workers = 0); the steps are tiny-sd's on the CPU.",
+              ""]
     return "\n".join(lines)
 
 

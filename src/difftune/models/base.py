@@ -60,6 +60,15 @@ class DiffusionModel(Protocol):
         """Pixels in [-1, 1] → latents as the denoiser sees them; the mean when no generator is given."""
         ...
 
+    def encode_latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE's latent distribution in raw VAE space: what the latent cache stores."""
+        ...
+
+    def latents_from_distribution(self, mean: torch.Tensor, std: torch.Tensor,
+                                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """A sample (the mean without a generator) of a stored distribution, as the denoiser sees latents."""
+        ...
+
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Text-encoder outputs (grad flows when an encoder trains); depends on the captions only."""
         ...

@@ -23,6 +23,7 @@ RESOLVED_CONFIG = "config.resolved.toml"
 MAY_CHANGE_ON_RESUME = (
     "train.max_steps", "train.max_epochs", "output.", "sample.", "validation.every_n_steps",
     "validation.every_n_epochs", "data.num_workers", "data.offload_encoders", "train.blocks_to_swap",
+    "data.latent_cache_dir",
 )
 """Settings a resumed run may change: its length, what it saves, samples and logs, how often it
 validates, and where frozen weights wait (offloaded encoders, swapped blocks: the numbers are the same,

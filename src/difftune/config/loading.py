@@ -93,7 +93,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             known = _known_keys(Config, loc)
             guess = difflib.get_close_matches(loc[-1], known, n=1)
             hint = f"; did you mean {'.'.join(loc[:-1] + (guess[0],))!r}?" if guess else ""
-            valid = f" Valid keys here: {', '.join(known)}." if known else ""
+            valid = f"; valid keys here: {', '.join(known)}" if known else ""
             lines.append(f"{source}: {key}: unknown key{hint}{valid}")
             continue
         msg = e["msg"].removeprefix("Value error, ")

@@ -6,7 +6,7 @@ center crop in its bucket: mean and std in raw VAE space and the VAE's dtype (fa
 are applied when a step samples, models/*: `latents_from_distribution`), the original size and crop
 corner SDXL's conditioning reads, and the image's mask at latent resolution when masks are on. A step
 samples mean + std·ε with ε drawn from the step generator exactly as the VAE's own `sample` draws it
-(models/latent_unet.sample_distribution), so training from the cache is training from the images: equal
+(models/vae_latents.sample_distribution), so training from the cache is training from the images: equal
 up to the VAE kernels' float differences between batch compositions (none on the CPU for batches of 2
 or more, tests/test_latent_cache.py). A random crop (center_crop = false) is a config error rather
 than one cached variant per crop (config/schema.py): every epoch would need another crop.

@@ -27,10 +27,6 @@ class FlowTransformerModel(VAELatentModel):
     prediction_type = "flow"
 
     @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.transformer
-
-    @property
     def native_resolution(self) -> int:
         return (getattr(self.transformer.config, "sample_size", None) or 128) * self.vae_scale_factor
 

@@ -69,20 +69,27 @@ class Batch:
             masks=None if self.masks is None else self.masks[start:end],
             loss_weights=None if self.loss_weights is None else self.loss_weights[start:end],
             is_reg=self.is_reg[start:end],
+            latent_mean=None if self.latent_mean is None else self.latent_mean[start:end],
+            latent_std=None if self.latent_std is None else self.latent_std[start:end],
         )
 
 
 def collate(samples: list[Sample]) -> Batch:
-    """Samples of one bucket into a batch; where some have a mask, the others train everywhere (ones)."""
+    """Samples of one bucket into a batch; where some have a mask, the others train everywhere (ones).
+    Cached samples (latent_mean set) give a batch of latent distributions and no pixels."""
+    cached = samples[0].latent_mean is not None
     masks = None
     if any(s.mask is not None for s in samples):
-        masks = torch.stack([s.mask if s.mask is not None else torch.ones_like(s.pixels[:1]) for s in samples])
+        like = (lambda s: s.latent_mean[:1].float()) if cached else (lambda s: s.pixels[:1])
+        masks = torch.stack([s.mask if s.mask is not None else torch.ones_like(like(s)) for s in samples])
     return Batch(
-        pixels=torch.stack([s.pixels for s in samples]),
+        pixels=None if cached else torch.stack([s.pixels for s in samples]),
         captions=[s.caption for s in samples],
         original_sizes=[s.original_size for s in samples],
         crop_top_lefts=[s.crop_top_left for s in samples],
         target_sizes=[s.target_size for s in samples],
         masks=masks,
         is_reg=[s.is_reg for s in samples],
+        latent_mean=torch.stack([s.latent_mean for s in samples]) if cached else None,
+        latent_std=torch.stack([s.latent_std for s in samples]) if cached else None,
     )

@@ -56,6 +56,15 @@ class SampleKey:
     position: int
 
 
+@dataclass(frozen=True)
+class Draws:
+    """A sample's augmentation: crop position (None: centered), flip, and the caption as trained."""
+
+    crop: float | None
+    flip: bool
+    caption: str
+
+
 def option(record: ImageRecord, name: str, data: DataConfig):
     """A record's own setting ([[data.subsets]]) where it has one, else the DataConfig's."""
     value = getattr(record.options, name, None) if record.options is not None else None
@@ -75,17 +84,15 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: SampleKey) -> Sample:
+    def draws(self, key: SampleKey) -> Draws:
+        """The sample's random choices, drawn from (seed, epoch, position) in a fixed order: the crop (a
+        center crop draws nothing), the flip, then the caption's dropout and tag shuffle. The latent cache
+        (data/latent_cache.py) makes the same draws without opening the image."""
         record = self.records[key.record]
         rng = random.Random(f"{self.seed}:{key.epoch}:{key.position}")
         crop = None if self.data.center_crop else rng.random()
         flip_p = option(record, "flip_p", self.data)
         flip = flip_p > 0 and rng.random() < flip_p
-        loaded = load_placed(record.path, self.spec.place, crop, flip, alpha_mask=self.data.alpha_mask,
-                             mask_path=record.mask_path)
-        if loaded.bucket != self.placements[key.record].bucket:
-            raise DatasetError(f"{record.path}: the image changed since the dataset was scanned (it is now "
-                               f"{loaded.original_size[1]}x{loaded.original_size[0]}); start the run again")
         caption = process_caption(
             record.caption,
             rng,
@@ -93,8 +100,19 @@ class TrainDataset(Dataset):
             shuffle_tags=option(record, "shuffle_tags", self.data),
             keep_tokens=option(record, "keep_tokens", self.data),
         )
-        return Sample(loaded.pixels, caption, original_size=loaded.original_size, crop_top_left=loaded.crop_top_left,
-                      target_size=loaded.bucket, is_reg=record.is_reg, mask=loaded.mask)
+        return Draws(crop, flip, caption)
+
+    def __getitem__(self, key: SampleKey) -> Sample:
+        record = self.records[key.record]
+        draws = self.draws(key)
+        loaded = load_placed(record.path, self.spec.place, draws.crop, draws.flip, alpha_mask=self.data.alpha_mask,
+                             mask_path=record.mask_path)
+        if loaded.bucket != self.placements[key.record].bucket:
+            raise DatasetError(f"{record.path}: the image changed since the dataset was scanned (it is now "
+                               f"{loaded.original_size[1]}x{loaded.original_size[0]}); start the run again")
+        return Sample(loaded.pixels, draws.caption, original_size=loaded.original_size,
+                      crop_top_left=loaded.crop_top_left, target_size=loaded.bucket, is_reg=record.is_reg,
+                      mask=loaded.mask)
 
 
 class TrainBatches:

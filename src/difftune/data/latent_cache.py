@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,7 +42,7 @@ import torch
 from difftune.data.batch import Batch, Sample, collate
 from difftune.data.dataset import SampleKey, TrainBatches, TrainDataset, option
 from difftune.data.records import ImageRecord
-from difftune.data.transforms import load_placed, process_caption
+from difftune.data.transforms import load_placed
 from difftune.errors import DatasetError
 
 CACHE_FORMAT = 1
@@ -226,40 +225,23 @@ class CachedBatches:
             yield collate_cached(list(samples), channels_last=entries[0].channels_last)
 
     def sample(self, key: SampleKey) -> tuple[Sample, Entry]:
-        """TrainDataset.__getitem__'s sample, its draws made in the same order from the same seed (a center
-        crop draws nothing; then the flip, then the caption), its image replaced by the cached entry."""
-        dataset = self.dataset
-        record = dataset.records[key.record]
-        rng = random.Random(f"{dataset.seed}:{key.epoch}:{key.position}")
-        flip_p = option(record, "flip_p", dataset.data)
-        flip = flip_p > 0 and rng.random() < flip_p
-        caption = process_caption(
-            record.caption,
-            rng,
-            cond_dropout=option(record, "cond_dropout", dataset.data),
-            shuffle_tags=option(record, "shuffle_tags", dataset.data),
-            keep_tokens=option(record, "keep_tokens", dataset.data),
-        )
-        entry = self.cache.entry(key.record, flip)
+        """TrainDataset.__getitem__'s sample (the same draws), its image replaced by the cached entry."""
+        record = self.dataset.records[key.record]
+        draws = self.dataset.draws(key)
+        entry = self.cache.entry(key.record, draws.flip)
         tensors = entry.read()
-        sample = Sample(torch.empty(0), caption, original_size=entry.original_size, crop_top_left=entry.crop_top_left,
+        sample = Sample(torch.empty(0), draws.caption, original_size=entry.original_size, crop_top_left=entry.crop_top_left,
                         target_size=entry.bucket, is_reg=record.is_reg, mask=tensors.get("mask"),
                         latent_mean=tensors["mean"], latent_std=tensors["std"])
         return sample, entry
 
 
 def collate_cached(samples: list[Sample], channels_last: bool = False) -> Batch:
-    """Cached samples into a Batch: pixels None, the distributions stacked (in the VAE's layout),
-    masks at latent resolution (ones for the samples without one when another has one, as `collate`
-    fills them)."""
-    if any(s.mask is not None for s in samples):
-        ones = torch.ones_like(samples[0].latent_mean[:1], dtype=torch.float32)
-        samples = [s if s.mask is not None else replace(s, mask=ones) for s in samples]
-    batch = collate(samples)  # the metadata; its pixels are empty placeholders
-    batch.pixels = None
+    """Cached samples into a Batch (data/batch.collate), the distributions in the VAE's memory layout."""
+    batch = collate(samples)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    batch.latent_mean = torch.stack([s.latent_mean for s in samples]).contiguous(memory_format=layout)
-    batch.latent_std = torch.stack([s.latent_std for s in samples]).contiguous(memory_format=layout)
+    batch.latent_mean = batch.latent_mean.contiguous(memory_format=layout)
+    batch.latent_std = batch.latent_std.contiguous(memory_format=layout)
     return batch
 
 

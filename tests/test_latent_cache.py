@@ -239,3 +239,43 @@ def test_a_random_crop_or_a_folder_without_the_disk_cache_is_a_config_error(tmp_
     with pytest.raises(ConfigError, match="latent_cache_dir is the folder of cache_latents = 'disk'"):
         config_for(folder, tmp_path / "r", data={"cache_latents": "memory", "latent_cache_dir": str(tmp_path)})
     assert config_for(folder, tmp_path / "r", data={"cache_latents": "disk", "flip_p": 0.5}).data.vae_batch_size == 1
+
+
+# ------------------------------------------------------------------------ 5. doctor and the tuners
+def test_doctor_says_what_the_latent_cache_holds_before_any_model_loads(tmp_path):
+    from difftune.doctor import diagnose
+
+    folder = make_images(tmp_path / "images")
+    lines = {mode: diagnose(config_for(folder, tmp_path / "r", data={"cache_latents": mode, "flip_p": 0.5}))["extra"]
+             for mode in ("off", "memory", "disk")}
+    assert lines["off"]["latents"].startswith("encoded by the VAE every step")
+    # 8 training images (val_split 0.2 of 10), flip_p 0.5: each cached as it is and mirrored
+    assert lines["memory"]["latents"] == ("cached in memory when training starts: 16 images/flips; the VAE then "
+                                          "waits on the CPU (data.offload_encoders)")
+    assert lines["disk"]["latents"].startswith(f"cached on disk in {tmp_path / 'r' / 'latent_cache'}: 16 images/flips "
+                                               "needed, 0 entries there now")
+    config = config_for(folder, tmp_path / "r", train={"batch_size": 2, "max_steps": 1},
+                        data={"cache_latents": "disk", "offload_encoders": False})
+    from difftune.training.loop import train
+
+    train(config, show_progress=False)
+    assert diagnose(config)["extra"]["latents"].endswith("8 images/flips needed, 8 entries there now; the VAE "
+                                                         "stays on the device")
+
+
+def test_the_tuners_sub_runs_share_the_parents_disk_cache(tmp_path):
+    from difftune.training.loop import Trainer
+    from difftune.tuning.common import sub_config
+
+    folder = make_images(tmp_path / "images")
+    config = config_for(folder, tmp_path / "auto", data={"cache_latents": "disk", "flip_p": 0.5, "vae_batch_size": 2})
+    builds = []
+    for name in ("find-lr", "find-steps", "final"):
+        sub = sub_config(config, name)
+        assert sub.data.latent_cache_dir == str(tmp_path / "auto" / "latent_cache")
+        trainer = Trainer(sub, show_progress=False)
+        trainer.close()
+        builds.append(trainer.latent_build.encoded)
+    assert builds == [16, 0, 0]
+    own = config_for(folder, tmp_path / "auto2", data={"cache_latents": "disk", "latent_cache_dir": str(tmp_path / "c")})
+    assert sub_config(own, "find-lr").data.latent_cache_dir == str(tmp_path / "c")  # a named folder stays

@@ -25,6 +25,9 @@ def diagnose(config: Config) -> dict[str, Any]:
         report["network"] = network_facts(config)  # built on a weightless copy of the model
         report["extra"] = {**report["extra"], **format_facts(report["network"])}
     memory, memory_warnings = memory_lines(config)
+    from difftune.data.latent_cache import describe
+
+    memory["latents"] = describe(config.data, plan.train_records, config.output.dir, gpu=True)
     report["extra"] = {**report["extra"], **memory}
     report["warnings"] += memory_warnings
     budget = gpu_memory_budget(config, report.get("network"))

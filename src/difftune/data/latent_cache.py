@@ -59,6 +59,32 @@ def flips(record: ImageRecord, data) -> list[bool]:
     return [False] if flip_p <= 0 else [True] if flip_p >= 1 else [False, True]
 
 
+def cache_folder(data, output_dir: str | Path) -> Path | None:
+    """Where a run's disk cache lives (None unless cache_latents = "disk"): latent_cache_dir, else
+    <output.dir>/latent_cache."""
+    if data.cache_latents != "disk":
+        return None
+    return Path(data.latent_cache_dir) if data.latent_cache_dir else Path(output_dir) / "latent_cache"
+
+
+def describe(data, records: list[ImageRecord], output_dir: str | Path, gpu: bool) -> str:
+    """Doctor's line for the latent cache, before any model loads: how many (image, flip) entries training
+    needs and, for a disk cache, how many entries its folder holds (which of them match is only known
+    once the VAE is loaded and the images hashed, when training starts)."""
+    if data.cache_latents == "off":
+        return "encoded by the VAE every step (data.cache_latents = 'off')"
+    needed = sum(len(flips(record, data)) for record in records)
+    folder = cache_folder(data, output_dir)
+    if folder is None:
+        where = f"in memory when training starts: {needed} images/flips"
+    else:
+        there = sum(1 for _ in folder.glob("*/*.safetensors")) if folder.is_dir() else 0
+        where = f"on disk in {folder}: {needed} images/flips needed, {there} entries there now"
+    vae = ("the VAE then waits on the CPU (data.offload_encoders)" if data.offload_encoders and gpu
+           else "the VAE stays on the device")
+    return f"cached {where}; {vae}"
+
+
 @dataclass
 class Entry:
     """One (image, flip): its distribution and what its Sample carries besides it."""

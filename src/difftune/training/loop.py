@@ -407,13 +407,10 @@ class Trainer:
         """data.cache_latents: every training image's latent distribution encoded once (data/latent_cache.py),
         the batches read from it; then the frozen VAE waits on the CPU with data.offload_encoders (it comes
         back to encode the probes' images and decode samples)."""
-        from difftune.data.latent_cache import CachedBatches, LatentCache
+        from difftune.data.latent_cache import CachedBatches, LatentCache, cache_folder
 
         data = self.config.data
-        folder = None
-        if data.cache_latents == "disk":
-            folder = Path(data.latent_cache_dir) if data.latent_cache_dir else self.run_dir.root / "latent_cache"
-        self.latent_cache = LatentCache(folder)
+        self.latent_cache = LatentCache(cache_folder(data, self.run_dir.root))
         self.latent_build = self.latent_cache.build(self.model, self.batches.dataset, data.vae_batch_size,
                                                     show_progress=self.show_progress)
         self.batches = CachedBatches(self.batches, self.latent_cache)

@@ -2,7 +2,9 @@
 
 Every tuner trains the user's real setup (same model, network, optimizer, batch, precision, data),
 built by the same `Trainer` a training run uses, but writes under its own sub-folder of `output.dir`
-(`find-lr/`, `find-steps/`, `final/`), so a run the user already has there is never touched.
+(`find-lr/`, `find-steps/`, `final/`), so a run the user already has there is never touched. A disk
+latent cache is the parent's (`<output.dir>/latent_cache`, unless data.latent_cache_dir names one), so it
+is built once for all of them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ def sub_config(config: Config, folder: str, **sections: dict[str, Any]) -> Confi
     data = config_to_dict(config)
     data["output"]["dir"] = str(Path(config.output.dir) / folder)
     data["output"]["overwrite"] = True  # a tuner's own folder is redone on every call
+    if config.data.cache_latents == "disk" and not config.data.latent_cache_dir:
+        # every sub-run reads the parent's disk cache: entries are keyed by content, so they are the same
+        data["data"]["latent_cache_dir"] = str(Path(config.output.dir) / "latent_cache")
     for section, values in sections.items():
         target = data.setdefault(section, {})
         for key, value in values.items():

@@ -131,12 +131,33 @@ def test_fractions_that_do_not_sum_to_a_whole_round_to_nearest_and_cap_at_one():
     assert epoch_samples([record("lone", 0.5)], 1, 0) == [0]
 
 
-def test_groups_keep_every_groups_count_fixed():
+def test_groups_whose_fractions_sum_to_a_whole_keep_their_count_fixed():
     records = [record(f"{i}", 1.5) for i in range(4)]
     groups = ["wide", "wide", "tall", "tall"]
     for epoch in range(20):
         counts = epoch_counts(records, 2, epoch, groups)
         assert counts[0] + counts[1] == 3 and counts[2] + counts[3] == 3
+
+
+def test_fractions_are_pooled_across_groups_so_every_record_keeps_its_share():
+    """Three 0.5 images, each alone in its bucket: 2 samples per epoch (round(1.5)), each image in about
+    two epochs of three; drawn per bucket, each would round up to 1 and train every epoch."""
+    records = [record(f"{i}", 0.5) for i in range(3)]
+    groups = ["tall", "square", "wide"]
+    uses = Counter()
+    for epoch in range(300):
+        counts = epoch_counts(records, 5, epoch, groups)
+        assert sum(counts) == 2 and max(counts) == 1
+        uses.update(i for i, c in enumerate(counts) if c)
+    assert [uses[i] for i in range(3)] == [203, 200, 197]  # 2/3 x 300 = 200 each, give or take
+    # ten 0.1 images in ten buckets: one sample per epoch, each image in about one epoch of ten
+    records = [record(f"{i}", 0.1) for i in range(10)]
+    uses = Counter()
+    for epoch in range(500):
+        counts = epoch_counts(records, 1, epoch, list(range(10)))
+        assert sum(counts) == 1
+        uses.update(i for i, c in enumerate(counts) if c)
+    assert sum(uses.values()) == 500 and max(uses.values()) < 80 and min(uses.values()) > 20
 
 
 def test_reg_images_are_balanced_by_kohyas_rule():

@@ -9,9 +9,10 @@ difftune made before buckets. A sample's augmentation is drawn from (train.seed,
 position being its place in the epoch's batch order. All are pure functions of those numbers, so
 resuming at (epoch, batch) reproduces the run exactly, with any number of loader workers.
 
-Every epoch has `batches_per_epoch` batches, the count of epoch 0 (what training/plan.py counts). The
-per-bucket draw keeps it the same every epoch; were it not, an epoch with more batches would drop its
-last ones and one with fewer would repeat its first ones, so the run's length never moves.
+Every epoch has `batches_per_epoch` batches, the count of epoch 0 (what training/plan.py counts).
+Whole repeats keep every bucket's count, and so the batch count, the same every epoch; fractional
+repeats can move a bucket's count by one (data/epoch.py), and then an epoch with more batches drops
+its last ones and one with fewer repeats its first ones, so the run's length never moves.
 """
 
 from __future__ import annotations

@@ -14,8 +14,13 @@ schedules and resume positions stay fixed. The rules:
    length pi_i = f_i * K / sum f_i (capped at 1, the rest rescaled), points u, u+1, ..., u+K-1 with u
    drawn from (seed, epoch). A record is thus used in a pi_i share of the epochs (= f_i whenever the
    fractions sum to a whole number, as in 4 images x 1.5), and the picks are a pure function of
-   (seed, epoch, record keys). Given `groups` (each record's bucket), all this is done per group, so
-   every bucket's sample count, and with it the batch count, is the same every epoch.
+   (seed, epoch, record keys). Given `groups` (each record's bucket), the K picks are shared out first:
+   each group gets floor(sum of its fractions) every epoch, and the picks left over go to groups drawn
+   the same way in proportion to what their floors left out; then each group's records are drawn as
+   above. So a bucket's sample count moves by at most one between epochs (the batch count by at most
+   as many batches as buckets gained or lost one, evened out as data/dataset.py says) while every
+   record keeps its share: three 0.5 images in three buckets give two samples every epoch, each image
+   in two epochs of three.
 3. Regularisation records (`is_reg`, whole repeats): kohya's DreamBoothDataset rule, on counts. With T
    training samples per epoch (rules 1-2), walk the reg records in order (data.reg_dir, then reg
    subsets; each sorted by path) adding each record's repeats until the running count reaches T;
@@ -40,8 +45,8 @@ def epoch_samples(
 ) -> list[int]:
     """Record indices of one epoch before shuffling: index i appears epoch_counts(...)[i] times.
 
-    `groups` (one value per record, e.g. its bucket) draws the fractional repeats within each group,
-    so every group's count, not only the total, is the same every epoch (rule 2 per group)."""
+    `groups` (one value per record, e.g. its bucket): the fractional repeats are shared out between the
+    groups first, so a group's count moves by at most one between epochs (rule 2)."""
     return [i for i, count in enumerate(epoch_counts(records, seed, epoch, groups)) for _ in range(count)]
 
 
@@ -54,8 +59,9 @@ def epoch_counts(
     for i, r in enumerate(records):
         if not r.is_reg:
             members.setdefault(None if groups is None else groups[i], []).append(i)
+    picks = _group_picks(records, members, seed, epoch)
     for group, indices in members.items():
-        for i in _fraction_picks(records, indices, seed, epoch, group):
+        for i in _fraction_picks(records, indices, seed, epoch, group, picks[group]):
             counts[i] += 1
     for i, count in _reg_counts(records, sum(counts)).items():
         counts[i] = count
@@ -89,34 +95,58 @@ def _score(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
-def _fraction_picks(records: list[ImageRecord], indices: list[int], seed: int, epoch: int, group) -> list[int]:
-    """Which of the training records `indices` are used once more this epoch for their fractional
-    repeats (rule 2)."""
+def _fractions(records: list[ImageRecord], indices: list[int]) -> dict[int, Fraction]:
     fractions = {}
     for i in indices:
         value = Fraction(str(records[i].repeats))
         if value != floor(value):
             fractions[i] = value - floor(value)
-    total = sum(fractions.values(), Fraction(0))
-    picks = floor(total + Fraction(1, 2))
-    if not picks:
+    return fractions
+
+
+def _group_picks(records: list[ImageRecord], members: dict, seed: int, epoch: int) -> dict:
+    """How many fractional picks each group gets this epoch (rule 2): floor of its own fractions' sum
+    always, and the K - sum(floors) picks left over go to groups drawn in proportion to what their
+    floors left out, by the same systematic sampling as the records."""
+    totals = {g: sum(_fractions(records, indices).values(), Fraction(0)) for g, indices in members.items()}
+    base = {g: floor(t) for g, t in totals.items()}
+    left = floor(sum(totals.values(), Fraction(0)) + Fraction(1, 2)) - sum(base.values())
+    remainders = {g: t - base[g] for g, t in totals.items() if t != base[g]}
+    for g in _systematic(remainders, left, lambda g: (_score(seed, epoch, "group", g), str(g)),
+                         Fraction(_score(seed, epoch, "groups"), 2**64)):
+        base[g] += 1
+    return base
+
+
+def _fraction_picks(records: list[ImageRecord], indices: list[int], seed: int, epoch: int, group,
+                    picks: int) -> list[int]:
+    """Which of the training records `indices` (one group) are used once more this epoch for their
+    fractional repeats: `picks` of them (rule 2)."""
+    return _systematic(_fractions(records, indices), picks, lambda i: (_score(seed, epoch, records[i].key), i),
+                       Fraction(_score(seed, epoch, "fraction", group), 2**64))
+
+
+def _systematic(weights: dict, picks: int, order, point: Fraction) -> list:
+    """`picks` distinct items, each chosen with probability weight · picks / sum(weights) (capped at 1,
+    the rest rescaled), by systematic sampling: the items in `order`, intervals of those lengths,
+    points point, point + 1, ... (point in [0, 1))."""
+    total = sum(weights.values(), Fraction(0))
+    if not picks or not total:
         return []
-    share = {i: f * picks / total for i, f in fractions.items()}
-    certain: list[int] = []
+    share = {i: f * picks / total for i, f in weights.items()}
+    certain: list = []
     while over := [i for i, p in share.items() if p >= 1]:  # a share of 1 or more cannot be sampled: take it
         certain += over
-        rest = {i: fractions[i] for i in share if i not in over}
+        rest = {i: weights[i] for i in share if i not in over}
         left, rest_total = picks - len(certain), sum(rest.values(), Fraction(0))
         share = {i: f * left / rest_total for i, f in rest.items()} if left and rest_total else {}
-    order = sorted(share, key=lambda i: (_score(seed, epoch, records[i].key), i))
-    point = Fraction(_score(seed, epoch, "fraction", group), 2**64)
     chosen, edge = [], Fraction(0)
-    for i in order:
+    for i in sorted(share, key=order):
         edge += share[i]
         while point < edge:  # at most once: every share is below 1
             chosen.append(i)
             point += 1
-    return sorted(certain + chosen)
+    return certain + chosen
 
 
 def _reg_counts(records: list[ImageRecord], train_samples: int) -> dict[int, int]:

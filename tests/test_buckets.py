@@ -6,6 +6,7 @@ bit-exact resume on mixed shapes (tiny-sd, tiny-sdxl), the per-bucket validation
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -389,3 +390,28 @@ def test_bucket_spec_of_a_resolution_is_the_square():
     assert square_spec(24) == BucketSpec(24, enabled=False, steps=24, min_side=24, max_side=24)
     assert square_spec(24).place((10, 50)).bucket == (24, 24)
     assert math.isclose(square_spec(24).place((10, 50)).resized[1], 120)
+
+
+def test_a_resume_names_the_images_added_removed_or_edited_since_the_run_started(mixed, tmp_path):
+    from difftune.training.loop import Trainer, train
+
+    config = mixed_config(mixed, tmp_path / "run", train={"batch_size": 2, "max_steps": 2},
+                          output={"dir": str(tmp_path / "run"), "save_every_n_steps": 2})
+    train(config, show_progress=False)
+
+    def resume_notes():
+        trainer = Trainer(config, resuming=True, show_progress=False)
+        trainer.close()
+        return [n for n in trainer.notes if n.startswith("the dataset changed")]
+
+    assert resume_notes() == []  # unchanged
+    make_images(mixed, {"new": (40, 40)}, seed=5)
+    (mixed / "sq0.png").unlink()
+    (mixed / "sq0.txt").unlink()
+    make_images(mixed, {"sq1": (70, 70)}, seed=6)  # edited: another size
+    os.utime(mixed / "tall0.png")  # only touched: not a change
+    assert resume_notes() == [
+        "the dataset changed since this run last started: 1 train image(s) added (new.png); 1 train image(s) removed "
+        "(sq0.png); 1 train image(s) edited (sq1.png). The resumed run trains on the dataset as it is now, so it is "
+        "not the run it would have been, and its epochs are counted anew"]
+    assert resume_notes() == []  # the manifest follows the dataset the run continued with

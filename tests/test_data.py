@@ -113,6 +113,8 @@ def test_odd_image_modes_load_and_small_images_are_reported(tmp_path, quick_conf
     """Grayscale, palette, CMYK and 16-bit images train like RGB ones; upscaled ones get a warning."""
     from difftune.training.plan import make_plan
 
+    tmp_path = tmp_path / "images"  # beside the run directory quick_config writes to, not around it
+    tmp_path.mkdir()
     make_image(tmp_path / "rgb.png", size=(40, 30))
     for name, mode in [("gray.jpg", "L"), ("palette.png", "P"), ("cmyk.jpg", "CMYK")]:
         Image.new("RGB", (40, 30), (10, 200, 30)).convert(mode).save(tmp_path / name)

@@ -250,8 +250,8 @@ def test_doctor_says_what_the_latent_cache_holds_before_any_model_loads(tmp_path
              for mode in ("off", "memory", "disk")}
     assert lines["off"]["latents"].startswith("encoded by the VAE every step")
     # 8 training images (val_split 0.2 of 10), flip_p 0.5: each cached as it is and mirrored
-    assert lines["memory"]["latents"] == ("cached in memory when training starts: 16 images/flips; the VAE then "
-                                          "waits on the CPU (data.offload_encoders)")
+    assert lines["memory"]["latents"] == ("cached in memory when training starts: 16 images/flips; on a GPU the "
+                                          "VAE then waits on the CPU (data.offload_encoders)")
     assert lines["disk"]["latents"].startswith(f"cached on disk in {tmp_path / 'r' / 'latent_cache'}: 16 images/flips "
                                                "needed, 0 entries there now")
     config = config_for(folder, tmp_path / "r", train={"batch_size": 2, "max_steps": 1},

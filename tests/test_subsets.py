@@ -248,13 +248,49 @@ def test_mask_dir_finds_each_images_mask_and_reports_a_missing_one(tmp_path):
                      f"e.g. {tmp_path}/masks/stray.png"]
     make_image(tmp_path / "train" / "5_x" / "c.png")
     (tmp_path / "masks" / "a.jpg").unlink()
-    make_image(tmp_path / "masks" / "a.png", caption=None, size=(6, 4))
+    make_image(tmp_path / "masks" / "a.png", caption=None, size=(6, 8))
     with pytest.raises(DatasetError) as err:
         scan_dataset(data, notes)
     message = str(err.value)
     assert "2 problem(s)" in message
     assert f"5_x/c.png: no mask c.* in {tmp_path}/masks/5_x (data.mask_dir;" in message
-    assert "masks/a.png: the mask is 6x4, its image a.png is 12x8" in message
+    assert "masks/a.png: the mask is 6x8, its image a.png is 12x8 (a mask must have its image's shape" in message
+    make_image(tmp_path / "masks" / "a.png", caption=None, size=(6, 4))  # the same shape at half the scale
+    make_image(tmp_path / "masks" / "5_x" / "c.png", caption=None, size=(24, 16))
+    assert {r.path.name: r.mask_path.name for r in scan_dataset(data)} == {"a.png": "a.png", "b.jpg": "b.png",
+                                                                           "c.png": "c.png"}
     subset = data_config(subsets=[{"dir": str(tmp_path / "train"), "mask_dir": str(tmp_path / "train" / "5_x")}])
     with pytest.raises(DatasetError, match=r"data.subsets\[0\].mask_dir = .* overlaps"):
         scan_dataset(subset)
+
+
+def test_folders_kohya_users_may_expect_to_count_are_named(tmp_path):
+    make_image(tmp_path / "5_char" / "a.png")
+    (tmp_path / "5_char" / "empty").mkdir()
+    (tmp_path / "5_char" / "captions_only").mkdir()
+    (tmp_path / "5_char" / "captions_only" / "x.txt").write_text("x")
+    notes = []
+    records = scan_dataset(data_config(train_dir=str(tmp_path / "5_char")), notes)
+    assert [r.repeats for r in records] == [1]  # as kohya: N_ counts in the subfolders only
+    assert any(f"data.train_dir = '{tmp_path / '5_char'}' is itself a repeat folder ('5_char'): its 5 is not "
+               "applied" in n for n in notes)
+    assert f"2 subfolder(s) of {tmp_path / '5_char'} hold no images and are not used: captions_only, empty" in notes
+
+
+@pytest.mark.parametrize("inside", ["output", "cache"])
+def test_a_run_or_cache_inside_a_dataset_folder_is_refused(tmp_path, inside):
+    from difftune.training.plan import make_plan
+
+    make_image(tmp_path / "data" / "a.png")
+    make_image(tmp_path / "data" / "b.png")
+    config = {"data": {"train_dir": str(tmp_path / "data"), "val_split": 0},
+              "output": {"dir": str(tmp_path / ("data/run" if inside == "output" else "run"))}}
+    if inside == "cache":
+        config["data"].update(cache_latents="disk", latent_cache_dir=str(tmp_path / "data" / "cache"))
+    key = "output.dir" if inside == "output" else "data.latent_cache_dir"
+    with pytest.raises(DatasetError, match=f"{key} = .* is inside data.train_dir = .*: the run would write its "
+                                           "files among your images"):
+        make_plan(validate_config(config, "t"))
+    config["output"]["dir"] = str(tmp_path / "run")
+    config["data"].pop("latent_cache_dir", None)
+    assert make_plan(validate_config(config, "t")).total_steps > 0  # beside the dataset is fine

@@ -103,7 +103,8 @@ def format_report(report: dict[str, Any]) -> str:
                      f"samples {c.get('samples', 0)}")
     lines += [
         "",
-        f"train images          {plan['train_images']}",
+        f"train images          {plan['train_images']}"
+        + (f" (+ {plan['reg_images']} regularisation)" if plan.get("reg_images") else ""),
         f"validation images     {plan['val_images']}",
         f"samples per epoch     {plan['samples_per_epoch']} (with repeats)",
         f"effective batch size  {plan['effective_batch_size']}",

@@ -529,9 +529,10 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     print(
         f"\ndone: {summary['steps']} steps in {summary['wall_seconds']:.1f}s "
         f"({summary['steps_per_second'] or 0:.2f} steps/s)\n"
-        f"validation loss: first {fmt(summary['first_val_loss'])}, final {fmt(summary['final_val_loss'])}, "
-        f"best {fmt(summary['best_val_loss'])} at step {summary['best_val_step']}\n"
-        f"run directory: {run_dir}  (plots/, samples/, checkpoints/, metrics.jsonl, summary.json)"
+        + (f"validation loss: first {fmt(summary['first_val_loss'])}, final {fmt(summary['final_val_loss'])}, "
+           f"best {fmt(summary['best_val_loss'])} at step {summary['best_val_step']}\n"
+           if summary.get("best_val_loss") is not None else "validation loss: none (no validation images)\n")
+        + f"run directory: {run_dir}  (plots/, samples/, checkpoints/, metrics.jsonl, summary.json)"
     )
 
 

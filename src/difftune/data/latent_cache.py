@@ -60,11 +60,10 @@ def flips(record: ImageRecord, data) -> list[bool]:
 
 
 def cache_folder(data, output_dir: str | Path) -> Path | None:
-    """Where a run's disk cache lives (None unless cache_latents = "disk"): latent_cache_dir, else
-    <output.dir>/latent_cache."""
-    if data.cache_latents != "disk":
-        return None
-    return Path(data.latent_cache_dir) if data.latent_cache_dir else Path(output_dir) / "latent_cache"
+    """Where the run's disk cache lives (data/cache_paths.py)."""
+    from difftune.data.cache_paths import latent_cache_folder
+
+    return latent_cache_folder(data, output_dir)
 
 
 def describe(data, records: list[ImageRecord], output_dir: str | Path, gpu: bool) -> str:
@@ -80,7 +79,7 @@ def describe(data, records: list[ImageRecord], output_dir: str | Path, gpu: bool
     else:
         there = sum(1 for _ in folder.glob("*/*.safetensors")) if folder.is_dir() else 0
         where = f"on disk in {folder}: {needed} images/flips needed, {there} entries there now"
-    vae = ("the VAE then waits on the CPU (data.offload_encoders)" if data.offload_encoders and gpu
+    vae = ("on a GPU the VAE then waits on the CPU (data.offload_encoders)" if data.offload_encoders and gpu
            else "the VAE stays on the device")
     return f"cached {where}; {vae}"
 

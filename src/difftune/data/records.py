@@ -163,6 +163,7 @@ def scan_image_folder(
     masks = _mask_index(Path(mask_dir), mask_key, root, key) if mask_dir is not None else None
     if notes is not None:
         notes += _unused_file_notes(root, files, caption_extension)
+        notes += _folder_notes(root, key, folders, images)
     records, empty_captions, missing_captions = [], [], 0
     for path in images:
         problem, size = _check_image(path)
@@ -223,11 +224,17 @@ def scan_dataset(data: DataConfig, notes: list[str] | None = None) -> list[Image
             f"{what}: point data.train_dir at a folder of images with {data.caption_extension} captions, or list "
             "folders in [[data.subsets]]"
         )
-    _refuse_overlaps([(s["key"], s["root"]) for s in sources] + ([("data.val_dir", data.val_dir)] if data.val_dir else []))
+    _refuse_overlaps(dataset_folders(data))
     records: list[ImageRecord] = []
     for s in sources:
         records += scan_image_folder(notes=notes, captions_from_filenames=data.caption_from_filename, **s)
     return records
+
+
+def dataset_folders(data: DataConfig) -> list[tuple[str, str]]:
+    """(config key, folder) of every image folder a DataConfig reads, validation included."""
+    folders = [(s["key"], s["root"]) for s in _sources(data)]
+    return folders + ([("data.val_dir", data.val_dir)] if data.val_dir else [])
 
 
 def _sources(data: DataConfig) -> list[dict]:
@@ -339,6 +346,16 @@ def _mask_index(mask_dir: Path, mask_key: str, root: Path, key: str) -> dict[Pat
     return index
 
 
+MASK_ASPECT_TOLERANCE = 0.01
+"""How far a mask's aspect ratio may be from its image's (rounding when it was saved at another scale)."""
+
+
+def same_shape(mask_size: tuple[int, int], image_size: tuple[int, int]) -> bool:
+    """A mask of this (width, height) fits the image: the same size, or the same shape at another scale."""
+    (mw, mh), (iw, ih) = mask_size, image_size
+    return abs(mw * ih - iw * mh) <= MASK_ASPECT_TOLERANCE * iw * mh
+
+
 def _find_mask(path: Path, root: Path, size: tuple[int, int], masks: dict[Path, list[Path]], mask_dir,
                mask_key: str, problems: list[str]) -> Path | None:
     """The image's mask (taken out of `masks`, so what is left is unused), checked: one file, readable,
@@ -355,9 +372,9 @@ def _find_mask(path: Path, root: Path, size: tuple[int, int], masks: dict[Path, 
     problem, mask_size = _check_image(found[0])
     if problem:
         problems.append(f"{found[0]}: unreadable mask ({problem})")
-    elif size != (0, 0) and mask_size != size:
+    elif size != (0, 0) and not same_shape(mask_size, size):
         problems.append(f"{found[0]}: the mask is {mask_size[0]}x{mask_size[1]}, its image {path.name} is "
-                        f"{size[0]}x{size[1]} (a mask must be the size of its image)")
+                        f"{size[0]}x{size[1]} (a mask must have its image's shape; it may be saved at another scale)")
     return found[0]
 
 
@@ -371,6 +388,24 @@ def _repeat_folder_problems(folders: list[Path], images: list[Path]) -> list[str
         elif match and folder not in with_images:
             problems.append(f"{folder}: no images in this repeat folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return problems
+
+
+def _folder_notes(root: Path, key: str, folders: list[Path], images: list[Path]) -> list[str]:
+    """Warnings for a folder kohya users may expect to count: `root` itself named N_name (kohya reads
+    N from the subfolders of the training folder, so here it is not applied), and subfolders with no
+    image anywhere below them (repeat folders without images are errors, _repeat_folder_problems)."""
+    notes = []
+    match = REPEAT_FOLDER.match(root.resolve().name)
+    if match:
+        notes.append(f"{key} = '{root}' is itself a repeat folder ('{root.resolve().name}'): its {match.group(1)} is not "
+                     f"applied, as in kohya, where the N_name folders are the subfolders of the training folder. Point "
+                     f"{key} at its parent folder to use each image {match.group(1)} times per epoch")
+    with_images = {parent for p in images for parent in p.parents}
+    empty = [f for f in folders if f not in with_images and not REPEAT_FOLDER.match(f.name)]
+    if empty:
+        notes.append(f"{len(empty)} subfolder(s) of {root} hold no images and are not used: "
+                     f"{', '.join(str(f.relative_to(root)) for f in empty[:3])}{', ...' if len(empty) > 3 else ''}")
+    return notes
 
 
 def _unused_file_notes(root: Path, files: list[Path], caption_extension: str) -> list[str]:

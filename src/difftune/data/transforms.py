@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from difftune.data.buckets import Placement, Size, resize_scale, square_spec
+from difftune.data.records import same_shape
 from difftune.errors import DatasetError
 
 
@@ -85,9 +86,6 @@ def _alpha(image: Image.Image) -> Image.Image:
     return Image.new("L", image.size, 255)
 
 
-MASK_ASPECT_TOLERANCE = 0.01
-
-
 def _mask_file(mask_path, image_size: tuple[int, int], image_path) -> Image.Image:
     """The mask image as "L" at the image's (width, height): a mask saved at another scale is resized,
     one of another shape is an error (it is most likely another image's mask)."""
@@ -98,7 +96,7 @@ def _mask_file(mask_path, image_size: tuple[int, int], image_path) -> Image.Imag
         raise DatasetError(f"{mask_path}: unreadable mask of {image_path} ({e})") from None
     if mask.size != image_size:
         (mw, mh), (iw, ih) = mask.size, image_size
-        if abs(mw * ih - iw * mh) > MASK_ASPECT_TOLERANCE * iw * mh:
+        if not same_shape(mask.size, image_size):
             raise DatasetError(f"{mask_path}: mask is {mw}x{mh} but its image {image_path} is {iw}x{ih}; a mask must "
                                "have its image's shape (it may be saved at another scale)")
         mask = mask.resize(image_size, Image.Resampling.BILINEAR)

@@ -123,6 +123,12 @@ class Trainer:
         self.fault_hook = env_fault_hook()
         self.notes += self.model.notes + list(self.memory.notes)
         self.notes += caption_notes(self.model, self.plan.train_records + self.plan.val_records)
+        from difftune.training.dataset_manifest import changes, write_manifest
+
+        if resuming:
+            changed = changes(self.run_dir.root, self.plan.train_records, self.plan.val_records)
+            self.notes += [changed] if changed else []
+        write_manifest(self.run_dir.root, self.plan.train_records, self.plan.val_records)
         if resuming:
             self._resume()
             if hasattr(self.optimizer, "train"):

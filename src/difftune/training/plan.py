@@ -62,7 +62,8 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "train_images": len(self.train_records),
+            "train_images": sum(not r.is_reg for r in self.train_records),
+            "reg_images": sum(r.is_reg for r in self.train_records),
             "val_images": len(self.val_records),
             "stable_train_images": len(self.stable_train_records),
             "folders": self.folder_counts(),
@@ -83,6 +84,7 @@ def make_plan(config: Config) -> Plan:
     warnings: list[str] = []
     if data.val_dir and data.train_dir:
         _refuse_overlap(data.train_dir, data.val_dir)
+    _refuse_writing_into_datasets(config)
     records = scan_dataset(data, notes=warnings)  # data.train_dir, data.reg_dir, [[data.subsets]]
     if data.val_dir:
         train_records = records
@@ -228,6 +230,27 @@ def _batch_warnings(table: list[dict[str, Any]], samples_per_epoch: int, batch_s
             f"{', ...' if len(lone) > 5 else ''}. Crop it to a more common shape, or raise data.bucket_reso_steps"
         )
     return warnings
+
+
+def _refuse_writing_into_datasets(config: Config) -> None:
+    """A run directory or cache inside an image folder would put checkpoints, plots and cache entries
+    among the user's images (kohya users keep datasets and outputs apart; the next scan would find
+    them), so it is refused before anything is written."""
+    from difftune.data.cache_paths import latent_cache_folder
+    from difftune.data.records import dataset_folders
+
+    writes = [("output.dir", config.output.dir)]
+    cache = latent_cache_folder(config.data, config.output.dir)
+    if cache is not None and config.data.latent_cache_dir:
+        writes.append(("data.latent_cache_dir", config.data.latent_cache_dir))
+    for out_key, out in writes:
+        target = Path(out).resolve()
+        for key, folder in dataset_folders(config.data):
+            root = Path(folder).resolve()
+            if target == root or root in target.parents:
+                raise DatasetError(
+                    f"{out_key} = '{out}' is inside {key} = '{folder}': the run would write its files among your "
+                    f"images, and the next scan would find them. Choose a {out_key} outside the dataset folders")
 
 
 def _refuse_overlap(train_dir: str, val_dir: str) -> None:

@@ -21,13 +21,14 @@ def sub_config(config: Config, folder: str, **sections: dict[str, Any]) -> Confi
     The copy is re-validated, so a change that makes the config invalid fails here with the key.
     """
     from difftune.config.loading import config_to_dict, validate_config
+    from difftune.data.cache_paths import latent_cache_folder
 
     data = config_to_dict(config)
     data["output"]["dir"] = str(Path(config.output.dir) / folder)
     data["output"]["overwrite"] = True  # a tuner's own folder is redone on every call
     if config.data.cache_latents == "disk" and not config.data.latent_cache_dir:
         # every sub-run reads the parent's disk cache: entries are keyed by content, so they are the same
-        data["data"]["latent_cache_dir"] = str(Path(config.output.dir) / "latent_cache")
+        data["data"]["latent_cache_dir"] = str(latent_cache_folder(config.data, config.output.dir))
     for section, values in sections.items():
         target = data.setdefault(section, {})
         for key, value in values.items():

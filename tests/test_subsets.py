@@ -294,3 +294,9 @@ def test_a_run_or_cache_inside_a_dataset_folder_is_refused(tmp_path, inside):
     config["output"]["dir"] = str(tmp_path / "run")
     config["data"].pop("latent_cache_dir", None)
     assert make_plan(validate_config(config, "t")).total_steps > 0  # beside the dataset is fine
+
+
+def test_an_unknown_subset_key_lists_the_subset_keys():
+    with pytest.raises(ConfigError, match=r"data.subsets.0.flip: unknown key; did you mean 'data.subsets.0.flip_p'\?; "
+                                          r"valid keys here: dir, repeats, caption_extension"):
+        data_config(subsets=[{"dir": "x", "flip": 0.5}])

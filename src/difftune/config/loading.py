@@ -75,11 +75,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names valid at a location of the schema (for 'did you mean')."""
+    import typing
+
     for part in loc[:-1]:
+        if str(part).isdigit():  # an entry of a list of tables ([[data.subsets]]): the list's item model
+            continue
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        annotation = field.annotation if field is not None else None
+        if typing.get_origin(annotation) is list:
+            annotation = typing.get_args(annotation)[0]
+        if not isinstance(annotation, type) or not issubclass(annotation, BaseModel):
             return []
-        model = field.annotation
+        model = annotation
     return list(model.model_fields)
 
 

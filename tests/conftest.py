@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["DIFFTUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="difftune-tests-cache-")  # not the user's ~/.cache
 warnings.filterwarnings("ignore")
 
 

@@ -19,10 +19,13 @@ def diagnose(config: Config) -> dict[str, Any]:
     from difftune.optim.advice import lr_summary
 
     report["extra"] = {**report.get("extra", {}), **lr_summary(config, plan.total_steps)}
-    if config.network.type not in (None, "none"):
-        from difftune.network.facts import format_facts, network_facts
+    from difftune.model_facts import model_facts
 
-        report["network"] = network_facts(config)  # built on a weightless copy of the model
+    facts = model_facts(config)  # counted on a weightless copy of the model, or remembered
+    if config.network.type not in (None, "none"):
+        from difftune.network.facts import format_facts
+
+        report["network"] = facts["network"]
         report["extra"] = {**report["extra"], **format_facts(report["network"])}
     memory, memory_warnings = memory_lines(config)
     from difftune.data.latent_cache import describe
@@ -30,25 +33,13 @@ def diagnose(config: Config) -> dict[str, Any]:
     memory["latents"] = describe(config.data, plan.train_records, config.output.dir, gpu=True)
     report["extra"] = {**report["extra"], **memory}
     report["warnings"] += memory_warnings
-    budget = gpu_memory_budget(config, report.get("network"))
+    budget = facts["memory_budget"]
     if budget is not None:
         from difftune.training.memory_budget import format_budget
 
         report["memory_budget"] = budget
         report["extra"] = {**report["extra"], **format_budget(budget)}
     return report
-
-
-def gpu_memory_budget(config: Config, network: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What training on a GPU would hold, counted on a weightless copy of the model (None when the model's
-    architecture is not known without loading it)."""
-    from difftune.models import weightless_model
-    from difftune.training.memory_budget import memory_budget
-
-    architecture = weightless_model(config.model)
-    if architecture is None:
-        return None
-    return memory_budget(config, architecture, network["trainable_parameters"] if network else None)
 
 
 def memory_lines(config: Config) -> tuple[dict[str, str], list[str]]:

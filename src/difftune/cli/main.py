@@ -4,27 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
-
-
-def _quiet_libraries() -> None:
-    """Library chatter (deprecations, optional-kernel notices) hides our own progress and errors."""
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU-kernel notice on import
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
 
 
 def positive_int(text: str) -> int:
@@ -432,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USER_ERROR
-    _quiet_libraries()
+    from difftune.library_noise import request
+
+    request()
     from difftune.errors import TrainingDiverged, UserError
 
     try:
@@ -455,7 +440,18 @@ def cmd_train(args) -> int:
     config = load_config(args.config, args.overrides)
     summary = train(config, resume=args.resume, show_progress=not args.no_progress)
     _print_summary(summary, Path(args.resume or config.output.dir))
+    _remember_model_facts(config)
     return 0
+
+
+def _remember_model_facts(config) -> None:
+    """What doctor would count on this model (model_facts.py), while the libraries are loaded anyway."""
+    from difftune.model_facts import record_facts
+
+    try:
+        record_facts(config)
+    except Exception:  # never fail a finished run over a doctor shortcut
+        pass
 
 
 def cmd_demo(args) -> int:
@@ -483,6 +479,7 @@ def cmd_demo(args) -> int:
     config = validate_config(data, "difftune demo config")
     summary = train(config, show_progress=not args.no_progress)
     _print_summary(summary, Path(config.output.dir))
+    _remember_model_facts(config)
     return 0
 
 
@@ -503,7 +500,7 @@ def cmd_schedule(args) -> int:
     from difftune.doctor import advice
     from difftune.optim.preview import format_schedule_table, write_schedule_preview
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, libraries=False)  # doctor checks the optimizer's settings
     steps = args.steps
     if steps is None:
         if config.train.max_steps is not None or not (config.data.train_dir or config.data.subsets):

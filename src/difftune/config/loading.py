@@ -111,8 +111,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def validate_config(data: dict[str, Any], source: str = "config") -> Config:
-    """Build the typed Config, or raise ConfigError listing every problem."""
+def validate_config(data: dict[str, Any], source: str = "config", libraries: bool = True) -> Config:
+    """Build the typed Config, or raise ConfigError listing every problem.
+
+    `libraries` = False leaves out the checks that import the optimizer's library (its settings, and a
+    dry construction): `difftune schedule` stays fast; doctor and train check them."""
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
@@ -120,27 +123,27 @@ def validate_config(data: dict[str, Any], source: str = "config") -> Config:
     from difftune.tuning.lr_from import apply_lr_from
 
     apply_lr_from(config, source)  # train.lr_from: LR / cyclic bounds from a find-lr result
-    _check_registries(config, source)
+    _check_registries(config, source, libraries)
     return config
 
 
-def _check_registries(config: Config, source: str) -> None:
+def _check_registries(config: Config, source: str, libraries: bool = True) -> None:
     """Names that refer to registries (optimizers, schedules) are checked before any model loads."""
     from difftune.optim.registry import check_optimizer_config, check_scheduler_config
 
-    problems = check_optimizer_config(config) + check_scheduler_config(config)
+    problems = check_optimizer_config(config, libraries) + check_scheduler_config(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(f"{source}: {p}" for p in problems))
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, libraries: bool = True) -> Config:
     """Read, override and validate a config; `path=None` starts from the defaults."""
     data = read_config_file(path) if path is not None else {}
     apply_overrides(data, overrides or [])
     source = str(path) if path is not None else "defaults"
     if overrides:
         source += " (with --set overrides)"
-    return validate_config(data, source)
+    return validate_config(data, source, libraries)
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

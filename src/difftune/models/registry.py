@@ -46,7 +46,11 @@ class Family:
     """Key fragments that only this family's LoRA files have (to pick layer names for `difftune convert`)."""
 
     def api(self, name: str) -> Callable[..., Any]:
-        return getattr(import_module(self.module), name)
+        module = import_module(self.module)
+        from difftune.library_noise import apply
+
+        apply()  # the family module has imported diffusers and transformers by now
+        return getattr(module, name)
 
 
 FAMILIES: dict[str, Family] = {}

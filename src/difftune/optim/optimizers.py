@@ -15,11 +15,13 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-Factory = Callable[..., torch.optim.Optimizer]
+Factory = Callable[..., Any]
+"""A torch.optim.Optimizer class (torch is imported when a factory loads: `difftune schedule` needs none)."""
 
 # Constructor parameters that are not user settings: the parameters and LR come from difftune
 # (train.lr / train.text_encoder_lr); the rest are library plumbing or would make training meaningless.
@@ -98,7 +100,12 @@ def _signature_settings(factory: Factory) -> tuple[tuple[str, Any, Any], ...]:
 
 # ------------------------------------------------------------------------------------------- loaders
 def _torch(cls_name: str) -> Callable[[], Factory]:
-    return lambda: getattr(torch.optim, cls_name)
+    def load() -> Factory:
+        import torch
+
+        return getattr(torch.optim, cls_name)
+
+    return load
 
 
 def _bnb(cls_name: str) -> Callable[[], Factory]:
@@ -272,6 +279,8 @@ def _check_value(value: Any, default: Any, integer: bool) -> str | None:
     if isinstance(default, tuple):
         ok = isinstance(value, (list, tuple)) and len(value) == len(default)
         return None if ok else f"expected a list of {len(default)} values (default {list(default)})"
+    import torch
+
     if isinstance(default, torch.dtype):
         return None if isinstance(getattr(torch, str(value), None), torch.dtype) else "expected a dtype name like bfloat16"
     return None
@@ -302,7 +311,9 @@ def resolve_settings(spec: OptimizerSpec, settings: Mapping[str, Any]) -> tuple[
         if problem:
             problems.append(f"optimizer.{key} = {value!r}: {problem} for {spec.name}")
             continue
-        if isinstance(accepted[target], torch.dtype):
+        if type(accepted[target]).__name__ == "dtype":  # a torch.dtype (the library, and torch, are loaded)
+            import torch
+
             value = getattr(torch, str(value))
         elif isinstance(value, list):
             value = tuple(value)
@@ -339,6 +350,8 @@ def instantiate(spec: OptimizerSpec, param_groups: list[dict[str, Any]], kwargs:
 
 def dry_build_problem(spec: OptimizerSpec, kwargs: Mapping[str, Any], lr: float) -> str | None:
     """Construct the optimizer on a dummy parameter, so a value the library refuses is a config error."""
+    import torch
+
     dummy = torch.nn.Parameter(torch.zeros(4, 4))
     try:
         instantiate(spec, [{"params": [dummy], "lr": lr}], kwargs, lr)

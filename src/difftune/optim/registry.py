@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from difftune.optim.optimizers import (
     OPTIMIZERS,
     OptimizerSpec,
@@ -30,6 +28,8 @@ from difftune.optim.scaling import effective_lrs, lr_scale_factor
 from difftune.optim.schedules import SCHEDULES, ScheduleFn, multiplier_fn, params_from_config
 
 if TYPE_CHECKING:
+    import torch
+
     from difftune.config.schema import Config
 
 __all__ = [
@@ -40,15 +40,17 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------- checks
-def check_optimizer_config(config: Config) -> list[str]:
-    """Problems with optimizer.*, and with the train.* keys that only make sense with some optimizers."""
+def check_optimizer_config(config: Config, libraries: bool = True) -> list[str]:
+    """Problems with optimizer.*, and with the train.* keys that only make sense with some optimizers.
+    `libraries` = False: without the checks that import the optimizer's library (its settings, by its
+    signature, and a dry construction)."""
     opt, train = config.optimizer, config.train
     spec_name = canonical_name(opt.name)
     if spec_name is None:
         return [f"optimizer.name = {opt.name!r}: unknown optimizer{suggest(opt.name)} "
                 f"Valid: {', '.join(OPTIMIZERS)}"]
     spec = OPTIMIZERS[spec_name]
-    kwargs, problems = resolve_settings(spec, user_settings(opt))
+    kwargs, problems = resolve_settings(spec, user_settings(opt)) if libraries else ({}, [])
     problems += _group_lr_problems(spec, config)
     problems += _precision_problems(spec, config)
     if spec.lr_free and train.scale_lr != "none":
@@ -56,11 +58,26 @@ def check_optimizer_config(config: Config) -> list[str]:
             f"train.scale_lr = {train.scale_lr!r}: {spec.name} estimates its own step size and train.lr only "
             "multiplies it, so batch scaling does not apply; set train.scale_lr = 'none'"
         )
-    if not problems:
+    if not problems and libraries and _departs_from_defaults(spec, kwargs):
         problem = dry_build_problem(spec, kwargs, train.lr)
         if problem:
             problems.append(problem)
     return problems
+
+
+def _departs_from_defaults(spec: OptimizerSpec, kwargs: dict[str, Any]) -> bool:
+    """Whether a setting differs from both the library's default and difftune's own (tests build every
+    optimizer with those): only then can the library refuse it, so only then is the dry construction
+    worth its cost (torch's first optimizer imports torch._dynamo: about a second of doctor's start)."""
+    known = {**spec.accepted_settings(), **spec.defaults}
+    return any(name not in known or _differs(known[name], value) for name, value in kwargs.items())
+
+
+def _differs(default: Any, value: Any) -> bool:
+    try:
+        return bool(default != value) if not isinstance(default, tuple) else tuple(default) != tuple(value)
+    except Exception:  # values that do not compare (tensors): try the construction
+        return True
 
 
 def _group_lr_problems(spec: OptimizerSpec, config: Config) -> list[str]:
@@ -194,4 +211,6 @@ def build_scheduler(
         from difftune.optim.adafactor_lr import AdafactorLR
 
         return AdafactorLR(optimizer)
+    import torch
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, total_steps))

@@ -140,6 +140,10 @@ class DataConfig(Section):
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags of a caption every time it is used.")
     keep_tokens: int = Field(0, ge=0, description="With shuffle_tags, keep the first N tags in place.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 loads in the main process).")
+    encode_ahead: bool | Literal["auto"] = Field(
+        "auto", description="Encode the next batch's latents (and, with frozen text encoders, its text) in a "
+        "background thread while the current step trains: the same numbers, another core. auto: on when "
+        "training on the CPU (not yet measured on a GPU).")
     cache_text_embeddings: bool | Literal["auto"] = Field(
         "auto", description="Encode every caption once and train from the stored text embeddings (the text "
         "encoders must be frozen; caption dropout uses a cached empty caption). auto: on for Flux and SD3, whose "

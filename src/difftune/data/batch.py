@@ -56,6 +56,8 @@ class Batch:
     """(B, C, h, w) cached latent distributions (data/latent_cache.py; pixels are None, masks at latent
     resolution): the step samples mean + std·ε from its generator instead of running the VAE."""
     latent_std: torch.Tensor | None = None
+    text: dict | None = None
+    """The text encoders' outputs for `captions`, computed ahead (data/encode_ahead.py), or None."""
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -104,6 +104,15 @@ class Trainer:
         self.latent_cache, self.latent_build, self.vae_offloaded = None, None, False
         if config.data.cache_latents != "off":
             self._cache_latents()
+        self.encode_ahead = None
+        frozen_text = self.text_cache is None and not any(
+            role in self.network.trained_roles() for role in self.model.text_encoder_roles)
+        if self._encodes_ahead(config, frozen_text):
+            from difftune.data.encode_ahead import EncodeAheadBatches
+
+            self.encode_ahead = EncodeAheadBatches(self.batches, self.model, self.accelerator.device,
+                                                   self.accelerator.autocast, encode_text=frozen_text)
+            self.batches = self.encode_ahead
         self._place_modules([role for role in self.model.parts if role not in encoders and role != VAE])
         self._enable_checkpointing()
         train = config.train
@@ -135,7 +144,9 @@ class Trainer:
                 self.optimizer.train()  # saves before difftune 0.2 held schedule-free state in eval mode
 
     def close(self) -> None:
-        """Release the run directory (run() does this itself when it ends)."""
+        """Release the run directory (run() does this itself when it ends), and the encoding thread."""
+        if getattr(self, "encode_ahead", None) is not None:
+            self.encode_ahead.close()
         self.lock.release()
 
     # ----------------------------------------------------------------------------------------- loop
@@ -424,9 +435,22 @@ class Trainer:
             self.model.parts[VAE].to("cpu")
             self.vae_offloaded = True
 
+    def _encodes_ahead(self, config: Config, frozen_text: bool) -> bool:
+        """data.encode_ahead, when there is something to encode: latents not cached, or frozen text."""
+        wanted = config.data.encode_ahead
+        if wanted == "auto":
+            wanted = self.accelerator.device.type == "cpu"
+        return bool(wanted) and (config.data.cache_latents == "off" or frozen_text)
+
     @contextlib.contextmanager
     def _vae_on_device(self):
-        """The VAE on the device for the duration (a no-op unless cached latents offloaded it)."""
+        """The VAE on the device for the duration (a no-op unless cached latents offloaded it), and no
+        encoding ahead meanwhile (data/encode_ahead.py: one module, one thread at a time)."""
+        lock = self.encode_ahead.lock if self.encode_ahead is not None else contextlib.nullcontext()
+        with lock:
+            yield from self._vae_placed()
+
+    def _vae_placed(self):
         if not self.vae_offloaded:
             yield
             return

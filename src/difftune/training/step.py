@@ -108,7 +108,10 @@ def batch_loss(model: DiffusionModel, objective: Objective, batch: Batch, genera
     weights = sample_weights(batch, prior_loss_weight)
     with autocast():
         with torch.set_grad_enabled(text_grad):
-            text = text_cache.lookup(batch.captions) if text_cache is not None else model.encode_text(batch.captions)
+            if batch.text is not None:  # encoded ahead (data/encode_ahead.py): frozen encoders only
+                text = batch.text
+            else:
+                text = text_cache.lookup(batch.captions) if text_cache is not None else model.encode_text(batch.captions)
         cond = model.condition(text, batch)
         noise = draw_noise(latents, generator, noise_offset)
         t = objective.sample_t(latents.shape[0], generator, tuple(latents.shape[-2:])).to(latents.device)

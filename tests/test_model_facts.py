@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 from difftune import model_facts
-from difftune.model_facts import facts_key, model_facts as facts_of
+from difftune.model_facts import facts_key
+from difftune.model_facts import model_facts as facts_of
 
 
 def test_facts_are_counted_once_and_follow_the_config_and_the_model(quick_config, tmp_path, monkeypatch):

@@ -339,6 +339,9 @@ class TrainConfig(Section):
     seed: int = Field(555, description="Seed of data order, augmentation and noise.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision for forward/backward.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet and text encoder.")
+    compile: bool = Field(False, description="torch.compile the denoiser (kohya --torch_compile, OneTrainer compile): "
+                          "faster steps after compiling at the first step of each bucket shape (a minute or more); "
+                          "the same training up to float rounding, so a run keeps the setting it started with.")
     clip_grad_norm: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value.")
     train_unet: bool = Field(True, description="Train the denoiser (the UNet).")
     train_text_encoder: bool | list[Literal["text_encoder", "text_encoder_2", "text_encoder_3"]] = Field(

@@ -54,6 +54,10 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 
+COMPILE_BACKEND = "inductor"
+"""torch.compile's backend for train.compile (tests use "eager": dynamo's tracing without code generation)."""
+
+
 def train(config: Config, resume: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Train as configured (or continue the run in `resume`); returns the summary."""
     if resume is not None:
@@ -115,6 +119,7 @@ class Trainer:
             self.batches = self.encode_ahead
         self._place_modules([role for role in self.model.parts if role not in encoders and role != VAE])
         self._enable_checkpointing()
+        self._compile()
         train = config.train
         groups = self.network.param_groups(effective_lrs(train))  # one LR per trained role, scale_lr applied
         self.optimizer = build_optimizer(config, groups)
@@ -408,6 +413,16 @@ class Trainer:
                 module.enable_gradient_checkpointing()  # diffusers
             else:
                 module.gradient_checkpointing_enable()  # transformers
+
+    def _compile(self) -> None:
+        """train.compile: the denoiser's calls go through torch.compile (nn.Module.compile keeps its
+        state_dict keys, so saves and LoRA files are unchanged); validation and samples use it too."""
+        if not self.config.train.compile:
+            return
+        if self.block_swap is not None:
+            raise ConfigError("train.compile = true with train.blocks_to_swap: the swap's per-block hooks are not "
+                              "traced by torch.compile yet; turn one of them off")
+        self.model.parts["denoiser"].compile(backend=COMPILE_BACKEND)
 
     def _text_cache(self):
         """Every caption training can see, encoded once (train and validation images, the empty caption

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from difftune.data.batch import Batch, Sample, collate
+from difftune.data.cache_paths import latent_cache_folder
 from difftune.data.dataset import SampleKey, TrainBatches, TrainDataset, option
 from difftune.data.records import ImageRecord
 from difftune.data.transforms import load_placed
@@ -59,13 +60,6 @@ def flips(record: ImageRecord, data) -> list[bool]:
     return [False] if flip_p <= 0 else [True] if flip_p >= 1 else [False, True]
 
 
-def cache_folder(data, output_dir: str | Path) -> Path | None:
-    """Where the run's disk cache lives (data/cache_paths.py)."""
-    from difftune.data.cache_paths import latent_cache_folder
-
-    return latent_cache_folder(data, output_dir)
-
-
 def describe(data, records: list[ImageRecord], output_dir: str | Path, gpu: bool) -> str:
     """Doctor's line for the latent cache, before any model loads: how many (image, flip) entries training
     needs and, for a disk cache, how many entries its folder holds (which of them match is only known
@@ -73,7 +67,7 @@ def describe(data, records: list[ImageRecord], output_dir: str | Path, gpu: bool
     if data.cache_latents == "off":
         return "encoded by the VAE every step (data.cache_latents = 'off')"
     needed = sum(len(flips(record, data)) for record in records)
-    folder = cache_folder(data, output_dir)
+    folder = latent_cache_folder(data, output_dir)
     if folder is None:
         where = f"in memory when training starts: {needed} images/flips"
     else:

@@ -439,10 +439,11 @@ class Trainer:
         """data.cache_latents: every training image's latent distribution encoded once (data/latent_cache.py),
         the batches read from it; then the frozen VAE waits on the CPU with data.offload_encoders (it comes
         back to encode the probes' images and decode samples)."""
-        from difftune.data.latent_cache import CachedBatches, LatentCache, cache_folder
+        from difftune.data.cache_paths import latent_cache_folder
+        from difftune.data.latent_cache import CachedBatches, LatentCache
 
         data = self.config.data
-        self.latent_cache = LatentCache(cache_folder(data, self.run_dir.root))
+        self.latent_cache = LatentCache(latent_cache_folder(data, self.run_dir.root))
         self.latent_build = self.latent_cache.build(self.model, self.batches.dataset, data.vae_batch_size,
                                                     show_progress=self.show_progress)
         self.batches = CachedBatches(self.batches, self.latent_cache)

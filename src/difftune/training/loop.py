@@ -8,6 +8,7 @@ methods around it. Accelerate owns devices and mixed precision; the loop reads l
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import time
 from pathlib import Path
@@ -253,22 +254,25 @@ class Trainer:
         """Forward/backward over the micro-batches of one step, clip, step; returns the mean loss.
         Does not advance the position (train_step does)."""
         cfg, accelerator = self.config, self.accelerator
-        total_loss = 0.0
         text_grad = any(role in self.network.trained_roles() for role in self.model.text_encoder_roles)
+        losses = []
         for micro, batch in enumerate(group):
             generator = step_generator(cfg.train.seed, self.state.step, micro)
             loss = batch_loss(self.model, self.objective, batch, generator, device=accelerator.device,
                               autocast=accelerator.autocast, noise_offset=cfg.train.noise_offset, text_grad=text_grad,
                               text_cache=self.text_cache, prior_loss_weight=cfg.train.prior_loss_weight)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {self.state.step + 1} (lr {self.current_lrs()['lr']:.3g})",
-                    "lower train.lr, enable train.clip_grad_norm, or check mixed precision",
-                    step=self.state.step + 1,
-                )
+            if cfg.optimizer.fused_back_pass:  # it steps inside backward: check before, at a sync per micro-batch
+                self._refuse_non_finite([loss.item()])
             # Micro-batches are averaged, so the gradient does not grow with grad_accum.
             accelerator.backward(loss / len(group))
-            total_loss += loss.item() / len(group)  # sync point: one host transfer per micro-batch
+            losses.append(loss.detach())
+        # One host transfer per step (not one per micro-batch), before anything steps: a non-finite loss
+        # has only made non-finite gradients, which are never applied.
+        values = torch.stack(losses).tolist()
+        self._refuse_non_finite(values)
+        total_loss = 0.0
+        for value in values:  # the same float64 sum, in the same order, as before
+            total_loss += value / len(group)
         if cfg.train.clip_grad_norm is not None:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             accelerator.clip_grad_norm_(params, cfg.train.clip_grad_norm)
@@ -277,6 +281,15 @@ class Trainer:
         self.scheduler.step()
         self.prepared_optimizer.zero_grad(set_to_none=True)
         return total_loss
+
+    def _refuse_non_finite(self, losses: list[float]) -> None:
+        bad = next((v for v in losses if not math.isfinite(v)), None)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"loss is {bad} at step {self.state.step + 1} (lr {self.current_lrs()['lr']:.3g})",
+                "lower train.lr, enable train.clip_grad_norm, or check mixed precision",
+                step=self.state.step + 1,
+            )
 
     def current_lrs(self) -> dict[str, float]:
         lrs = {}

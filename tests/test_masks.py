@@ -200,3 +200,16 @@ def test_a_mask_of_another_shape_is_refused(masked_folder, tmp_path):
         load_placed(images / "img0.png", spec.place, mask_path=tmp_path / "square_mask.png")
     half = load_placed(images / "img0.png", spec.place, mask_path=tmp_path / "half_mask.png")
     assert torch.equal(half.mask, torch.ones_like(half.mask))
+
+
+def test_doctor_says_which_images_train_with_a_mask(masked_folder, tmp_path):
+    from difftune.doctor import diagnose
+
+    images, masks = masked_folder
+    base = {"resolution": 32, "bucket_reso_steps": 8, "val_split": 0.0}
+    by_file = validate_config(quick_config_dict(images, tmp_path / "f", data={**base, "mask_dir": str(masks)}), "t")
+    by_alpha = validate_config(quick_config_dict(images, tmp_path / "a", data={**base, "alpha_mask": True}), "t")
+    plain = validate_config(quick_config_dict(images, tmp_path / "p", data=base), "t")
+    assert diagnose(by_file)["extra"]["masked loss"] == "3 of 3 training images weight their loss by a mask file (mask_dir)"
+    assert diagnose(by_alpha)["extra"]["masked loss"].startswith("each image's alpha channel weights its loss")
+    assert "masked loss" not in diagnose(plain)["extra"]

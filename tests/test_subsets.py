@@ -300,3 +300,15 @@ def test_an_unknown_subset_key_lists_the_subset_keys():
     with pytest.raises(ConfigError, match=r"data.subsets.0.flip: unknown key; did you mean 'data.subsets.0.flip_p'\?; "
                                           r"valid keys here: dir, repeats, caption_extension"):
         data_config(subsets=[{"dir": "x", "flip": 0.5}])
+
+
+def test_a_mask_that_is_black_everywhere_is_named(tmp_path):
+    make_image(tmp_path / "train" / "a.png")
+    make_image(tmp_path / "train" / "b.png")
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (12, 8), 0).save(tmp_path / "masks" / "a.png")
+    Image.new("L", (12, 8), 255).save(tmp_path / "masks" / "b.png")
+    notes = []
+    scan_dataset(data_config(train_dir=str(tmp_path / "train"), mask_dir=str(tmp_path / "masks")), notes)
+    assert f"1 mask(s) in {tmp_path / 'masks'} are black everywhere, so their images train nothing (they still " \
+           f"take their place in batches); e.g. {tmp_path / 'masks' / 'a.png'}" in notes

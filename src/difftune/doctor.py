@@ -31,6 +31,9 @@ def diagnose(config: Config) -> dict[str, Any]:
     from difftune.data.latent_cache import describe
 
     memory["latents"] = describe(config.data, plan.train_records, config.output.dir, gpu=True)
+    masking = mask_line(config, plan.train_records)
+    if masking:
+        report["extra"]["masked loss"] = masking
     report["extra"] = {**report["extra"], **memory}
     report["warnings"] += memory_warnings
     budget = facts["memory_budget"]
@@ -65,6 +68,17 @@ def memory_lines(config: Config) -> tuple[dict[str, str], list[str]]:
             blocks = len(architecture.denoiser_blocks()) if hasattr(architecture, "denoiser_blocks") else None
             BlockSwap.for_model(architecture, plan.blocks_to_swap, torch.device("cpu"))  # the same errors as train
     return plan.lines(blocks), warnings
+
+
+def mask_line(config: Config, records) -> str | None:
+    """Which training images weight their loss by a mask (data.alpha_mask, data.mask_dir, a subset's)."""
+    if config.data.alpha_mask:
+        return "each image's alpha channel weights its loss (data.alpha_mask; an image without one trains everywhere)"
+    masked = sum(r.mask_path is not None for r in records if not r.is_reg)
+    if not masked:
+        return None
+    trained = sum(not r.is_reg for r in records)
+    return f"{masked} of {trained} training images weight their loss by a mask file (mask_dir)"
 
 
 def advice(config: Config, total_steps: int) -> list[str]:

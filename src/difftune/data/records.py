@@ -164,7 +164,7 @@ def scan_image_folder(
     if notes is not None:
         notes += _unused_file_notes(root, files, caption_extension)
         notes += _folder_notes(root, key, folders, images)
-    records, empty_captions, missing_captions = [], [], 0
+    records, empty_captions, missing_captions, black_masks = [], [], 0, []
     for path in images:
         problem, size = _check_image(path)
         if problem:
@@ -172,7 +172,8 @@ def scan_image_folder(
         relative_folder = path.parent.relative_to(root)
         caption = _read_caption(path, caption_extension, folder_class(relative_folder) if is_reg else None,
                                 captions_from_filenames, problems)
-        mask_path = _find_mask(path, root, size, masks, mask_dir, mask_key, problems) if masks is not None else None
+        mask_path = (_find_mask(path, root, size, masks, mask_dir, mask_key, problems, black_masks)
+                     if masks is not None else None)
         if caption is None:
             missing_captions += 1
             continue
@@ -198,6 +199,9 @@ def scan_image_folder(
         raise DatasetError(
             f"{root}: {len(problems)} problem(s) in the dataset; fix or remove these files:\n  {listing}{hint}"
         )
+    if black_masks and notes is not None:
+        notes.append(f"{len(black_masks)} mask(s) in {mask_dir} are black everywhere, so their images train nothing "
+                     f"(they still take their place in batches); e.g. {black_masks[0]}")
     if masks and notes is not None:
         unused = sorted(p for found in masks.values() for p in found)
         notes.append(f"{len(unused)} mask(s) in {mask_dir} have no image in {root} and are not used; e.g. {unused[0]}")
@@ -357,9 +361,9 @@ def same_shape(mask_size: tuple[int, int], image_size: tuple[int, int]) -> bool:
 
 
 def _find_mask(path: Path, root: Path, size: tuple[int, int], masks: dict[Path, list[Path]], mask_dir,
-               mask_key: str, problems: list[str]) -> Path | None:
+               mask_key: str, problems: list[str], black: list[Path]) -> Path | None:
     """The image's mask (taken out of `masks`, so what is left is unused), checked: one file, readable,
-    the image's size."""
+    the image's shape; a mask that is black everywhere (its image trains nothing) goes to `black`."""
     relative = path.relative_to(root).with_suffix("")
     found = masks.pop(relative, [])
     if not found:
@@ -375,7 +379,14 @@ def _find_mask(path: Path, root: Path, size: tuple[int, int], masks: dict[Path, 
     elif size != (0, 0) and not same_shape(mask_size, size):
         problems.append(f"{found[0]}: the mask is {mask_size[0]}x{mask_size[1]}, its image {path.name} is "
                         f"{size[0]}x{size[1]} (a mask must have its image's shape; it may be saved at another scale)")
+    elif _all_black(found[0]):
+        black.append(found[0])
     return found[0]
+
+
+def _all_black(path: Path) -> bool:
+    with Image.open(path) as mask:
+        return mask.convert("L").getextrema()[1] == 0
 
 
 def _repeat_folder_problems(folders: list[Path], images: list[Path]) -> list[str]:

@@ -30,7 +30,7 @@ def diagnose(config: Config) -> dict[str, Any]:
     memory, memory_warnings = memory_lines(config)
     from difftune.data.latent_cache import describe
 
-    memory["latents"] = describe(config.data, plan.train_records, config.output.dir, gpu=True)
+    memory["latents"] = describe(config.data, plan.train_records, config.output.dir)
     masking = mask_line(config, plan.train_records)
     if masking:
         report["extra"]["masked loss"] = masking

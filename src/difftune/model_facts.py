@@ -78,9 +78,13 @@ def compute_facts(config: Config) -> dict[str, Any]:
     return {"network": network, "memory_budget": budget}
 
 
+def facts_file(config: Config) -> Path:
+    return cache_dir() / "model_facts" / f"{facts_key(config)}.json"
+
+
 def model_facts(config: Config) -> dict[str, Any]:
     """The facts from the cache, or counted (and then kept)."""
-    path = cache_dir() / "model_facts" / f"{facts_key(config)}.json"
+    path = facts_file(config)
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -91,8 +95,8 @@ def model_facts(config: Config) -> dict[str, Any]:
 
 
 def record_facts(config: Config) -> None:
-    """Count and keep the facts unless they are kept already (the trainer calls this)."""
-    path = cache_dir() / "model_facts" / f"{facts_key(config)}.json"
+    """Count and keep the facts unless they are kept already (`train` and `demo` call this)."""
+    path = facts_file(config)
     if not path.is_file():
         remember(path, compute_facts(config))
 

@@ -60,10 +60,11 @@ def flips(record: ImageRecord, data) -> list[bool]:
     return [False] if flip_p <= 0 else [True] if flip_p >= 1 else [False, True]
 
 
-def describe(data, records: list[ImageRecord], output_dir: str | Path, gpu: bool) -> str:
+def describe(data, records: list[ImageRecord], output_dir: str | Path) -> str:
     """Doctor's line for the latent cache, before any model loads: how many (image, flip) entries training
     needs and, for a disk cache, how many entries its folder holds (which of them match is only known
-    once the VAE is loaded and the images hashed, when training starts)."""
+    once the VAE is loaded and the images hashed, when training starts). Like doctor's other memory
+    lines it says what a GPU run does."""
     if data.cache_latents == "off":
         return "encoded by the VAE every step (data.cache_latents = 'off')"
     needed = sum(len(flips(record, data)) for record in records)
@@ -73,7 +74,7 @@ def describe(data, records: list[ImageRecord], output_dir: str | Path, gpu: bool
     else:
         there = sum(1 for _ in folder.glob("*/*.safetensors")) if folder.is_dir() else 0
         where = f"on disk in {folder}: {needed} images/flips needed, {there} entries there now"
-    vae = ("on a GPU the VAE then waits on the CPU (data.offload_encoders)" if data.offload_encoders and gpu
+    vae = ("on a GPU the VAE then waits on the CPU (data.offload_encoders)" if data.offload_encoders
            else "the VAE stays on the device")
     return f"cached {where}; {vae}"
 

@@ -166,7 +166,7 @@ def scan_image_folder(
         notes += _folder_notes(root, key, folders, images)
     records, empty_captions, missing_captions, black_masks = [], [], 0, []
     for path in images:
-        problem, size = _check_image(path)
+        problem, size, _ = _check_image(path)
         if problem:
             problems.append(f"{path}: unreadable image ({problem})")
         relative_folder = path.parent.relative_to(root)
@@ -373,20 +373,15 @@ def _find_mask(path: Path, root: Path, size: tuple[int, int], masks: dict[Path, 
     if len(found) > 1:
         problems.append(f"{path}: {len(found)} masks ({', '.join(p.name for p in found)}) in {found[0].parent}; keep one")
         return None
-    problem, mask_size = _check_image(found[0])
+    problem, mask_size, brightest = _check_image(found[0], brightest=True)
     if problem:
         problems.append(f"{found[0]}: unreadable mask ({problem})")
     elif size != (0, 0) and not same_shape(mask_size, size):
         problems.append(f"{found[0]}: the mask is {mask_size[0]}x{mask_size[1]}, its image {path.name} is "
                         f"{size[0]}x{size[1]} (a mask must have its image's shape; it may be saved at another scale)")
-    elif _all_black(found[0]):
+    elif brightest == 0:
         black.append(found[0])
     return found[0]
-
-
-def _all_black(path: Path) -> bool:
-    with Image.open(path) as mask:
-        return mask.convert("L").getextrema()[1] == 0
 
 
 def _repeat_folder_problems(folders: list[Path], images: list[Path]) -> list[str]:
@@ -434,13 +429,15 @@ def _unused_file_notes(root: Path, files: list[Path], caption_extension: str) ->
     return notes
 
 
-def _check_image(path: Path) -> tuple[str | None, tuple[int, int]]:
-    """Decode the image fully (verify() misses truncated data); return (error text or None, size)."""
+def _check_image(path: Path, brightest: bool = False) -> tuple[str | None, tuple[int, int], int | None]:
+    """Decode the image fully (verify() misses truncated data); return (error text or None, size, and
+    with `brightest` its brightest grey value, read from the same decode: a mask's 0 trains nothing)."""
     try:
         with Image.open(path) as image:
             image.load()
             if image.width < 1 or image.height < 1:
-                return "empty image", (0, 0)
-            return None, ImageOps.exif_transpose(image).size  # the size a viewer shows
+                return "empty image", (0, 0), None
+            peak = image.convert("L").getextrema()[1] if brightest else None
+            return None, ImageOps.exif_transpose(image).size, peak  # the size a viewer shows
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        return str(e) or type(e).__name__, (0, 0)
+        return str(e) or type(e).__name__, (0, 0), None

@@ -236,12 +236,10 @@ def _refuse_writing_into_datasets(config: Config) -> None:
     """A run directory or cache inside an image folder would put checkpoints, plots and cache entries
     among the user's images (kohya users keep datasets and outputs apart; the next scan would find
     them), so it is refused before anything is written."""
-    from difftune.data.cache_paths import latent_cache_folder
     from difftune.data.records import dataset_folders
 
-    writes = [("output.dir", config.output.dir)]
-    cache = latent_cache_folder(config.data, config.output.dir)
-    if cache is not None and config.data.latent_cache_dir:
+    writes = [("output.dir", config.output.dir)]  # the default latent cache lives under it
+    if config.data.cache_latents == "disk" and config.data.latent_cache_dir:
         writes.append(("data.latent_cache_dir", config.data.latent_cache_dir))
     for out_key, out in writes:
         target = Path(out).resolve()

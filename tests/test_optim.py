@@ -97,6 +97,33 @@ def test_8bit_and_paged_optimizers_on_cuda(name, quick_config):
     assert state["state1"].device.type == "cuda" and state["state1"].dtype == torch.uint8
 
 
+def test_fused_kernel_only_for_cuda_parameters_and_never_over_the_users_choice():
+    from difftune.optim.optimizers import cuda_kernel_defaults
+
+    def groups(*devices):
+        return [{"params": [SimpleNamespace(device=torch.device(d), is_floating_point=lambda: True)
+                            for d in devices]}]
+
+    adamw = get_spec("adamw")
+    assert cuda_kernel_defaults(adamw, groups("cuda", "cuda"), {}) == {"fused": True}
+    assert cuda_kernel_defaults(adamw, groups("cuda", "cpu"), {}) == {}
+    assert cuda_kernel_defaults(adamw, groups("cpu"), {}) == {}
+    assert cuda_kernel_defaults(adamw, groups("cuda"), {"foreach": False}) == {}
+    assert cuda_kernel_defaults(adamw, groups("cuda"), {"fused": False}) == {}
+    assert cuda_kernel_defaults(get_spec("lion"), groups("cuda"), {}) == {}
+
+
+@pytest.mark.gpu
+@CUDA
+def test_adamw_on_cuda_takes_the_fused_kernel(quick_config):
+    config = quick_config(train={"max_steps": 2, "batch_size": 2, "lr": 1e-4}, validation=NO_VALIDATION)
+    trainer = Trainer(config, show_progress=False)
+    losses = run_steps(trainer, 2)
+    trainer.close()
+    assert all(math.isfinite(x) for x in losses)
+    assert all(g["fused"] for g in trainer.optimizer.param_groups)
+
+
 def test_unsupported_setting_names_the_optimizer_and_what_it_accepts():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["optimizer.name=lion", "optimizer.eps=1e-8", "optimizer.dcoef=2"])

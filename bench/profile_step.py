@@ -27,7 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from throughput import LR, RANK, WEIGHT_DECAY, WORK, difftune_config, write_dataset, write_model  # noqa: E402
+from throughput import CPU_JOB, LR, WEIGHT_DECAY, WORK, difftune_config, write_dataset, write_model  # noqa: E402
+
+RANK = CPU_JOB["rank"]
 
 
 def difftune_stepper(model_dir: Path, data: Path, args):
@@ -35,7 +37,7 @@ def difftune_stepper(model_dir: Path, data: Path, args):
     from difftune.training.loop import Trainer
 
     ns = argparse.Namespace(resolution=args.resolution, batch_size=args.batch_size, workers=0, mixed_precision="no",
-                            gradient_checkpointing=False, compile=False)
+                            gradient_checkpointing=False, compile=False, rank=RANK)
     config = difftune_config("sd1-lora", model_dir, data, WORK / "profile" / "difftune", 10_000, ns, args.cache)
     config["output"]["tensorboard"] = args.tensorboard
     trainer = Trainer(validate_config(config, "profile"), show_progress=False)
@@ -144,7 +146,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data = WORK / "data" / "textures-64"
     write_dataset(data, 64, 64)
-    model_dir = write_model("sd1-test" if args.model == "test" else "sd1", "cpu")
+    model_dir = write_model("sd1-test" if args.model == "test" else "sd1", "cpu", False)
     makers = {"difftune": difftune_stepper, "diffusers": diffusers_stepper}
     results = [measure(side, makers[side], model_dir, data, args) for side in args.sides.split(",")]
     lines = ["# One training step profiled (bench/profile_step.py)", "",

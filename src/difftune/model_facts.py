@@ -62,7 +62,8 @@ def facts_key(config: Config) -> str:
 
 
 def compute_facts(config: Config) -> dict[str, Any]:
-    """{"network": network_facts or None, "memory_budget": budget or None} on one weightless copy."""
+    """{"network": network_facts or None, "memory_budget": budget or None, "prediction_type": what the
+    denoiser predicts} on one weightless copy."""
     from difftune.models import weightless_model
     from difftune.training.memory_budget import memory_budget
 
@@ -75,7 +76,8 @@ def compute_facts(config: Config) -> dict[str, Any]:
     budget = None
     if architecture is not None:
         budget = memory_budget(config, architecture, network["trainable_parameters"] if network else None)
-    return {"network": network, "memory_budget": budget}
+    prediction = getattr(architecture, "prediction_type", None) if architecture is not None else None
+    return {"network": network, "memory_budget": budget, "prediction_type": prediction}
 
 
 def facts_file(config: Config) -> Path:

@@ -16,10 +16,12 @@ normalisation of the LR finder.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from difftune.models.element_loss import ElementLoss
 
 
 @runtime_checkable
@@ -48,14 +50,38 @@ class Objective(Protocol):
         """Per-sample loss weight (Min-SNR and the like); ones when no weighting is configured."""
         ...
 
+    def noise_fraction(self, t: torch.Tensor) -> torch.Tensor:
+        """Where t sits between no noise (0) and pure noise (1) on the timestep axis: t / T, or σ."""
+        ...
+
+    def noise_to_signal(self, t: torch.Tensor) -> torch.Tensor:
+        """The ratio of the noise's to the signal's scale in the noisy input (1 / sqrt(SNR))."""
+        ...
+
+    def elementwise_loss(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The configured element-wise loss (train.loss_type; models/element_loss.py), unreduced."""
+        ...
+
+
+class _ElementLossMixin:
+    loss: ElementLoss
+
+    def elementwise_loss(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.loss(prediction, target, self, t)
+
 
 @dataclass
-class DDPMObjective:
+class DDPMObjective(_ElementLossMixin):
     """Discrete-time DDPM with epsilon or v-prediction (SD 1.x/2.x, SDXL), over diffusers' DDPMScheduler."""
 
     scheduler: object
     """diffusers DDPMScheduler: betas, alphas_cumprod, add_noise, get_velocity."""
     min_snr_gamma: float | None = None
+    debiased_estimation: bool = False
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    """One past the highest timestep drawn; None: the schedule's num_train_timesteps."""
+    loss: ElementLoss = field(default_factory=ElementLoss)
 
     @property
     def prediction_type(self) -> str:
@@ -65,16 +91,25 @@ class DDPMObjective:
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
+    @property
+    def timestep_range(self) -> tuple[int, int]:
+        """[low, high) of the training draw (train.min_timestep / max_timestep, kohya's meaning)."""
+        high = self.num_train_timesteps if self.max_timestep is None else self.max_timestep
+        return self.min_timestep, high
+
     def sample_t(self, n: int, generator: torch.Generator, latent_hw=None) -> torch.Tensor:
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
+        low, high = self.timestep_range
+        return torch.randint(low, high, (n,), generator=generator)
 
     def probe_t(self, n: int, generator: torch.Generator, latent_hw=None) -> torch.Tensor:
+        low, high = self.timestep_range
         order = torch.randperm(n, generator=generator)
-        centers = ((order.double() + 0.5) * self.num_train_timesteps / n).floor().long()
-        return centers.clamp_(0, self.num_train_timesteps - 1)
+        centers = low + ((order.double() + 0.5) * (high - low) / n).floor().long()
+        return centers.clamp_(low, high - 1)
 
     def level(self, t: torch.Tensor, latent_hw=None) -> torch.Tensor:
-        return t.double() / self.num_train_timesteps  # uniform draw: the CDF is t / T
+        low, high = self.timestep_range  # uniform draw on [low, high): the CDF is (t - low) / (high - low)
+        return ((t.double() - low) / (high - low)).clamp_(0.0, 1.0 - 1e-12)
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, t)
@@ -90,13 +125,29 @@ class DDPMObjective:
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """Min-SNR-γ (Hang et al. 2023) caps the weight of low-noise timesteps. For v-prediction the
-        target already carries a factor of (snr + 1), hence the different denominator."""
-        if self.min_snr_gamma is None:
-            return torch.ones(t.shape, device=t.device)
-        snr = self.snr(t).float()
-        clipped = torch.clamp(snr, max=self.min_snr_gamma)
-        denominator = snr + 1.0 if self.prediction_type == "v_prediction" else snr
-        return clipped / denominator
+        target already carries a factor of (snr + 1), hence the different denominator. Debiased
+        estimation (kohya's debiased_estimation_loss) multiplies in 1/sqrt(snr) (v: 1/(snr + 1)), SNR
+        capped at 1000 where t = 0 makes it near infinite. At a zero-terminal-SNR schedule's last step
+        (snr = 0) Min-SNR's epsilon weight is its limit, 1."""
+        weight = None
+        v_prediction = self.prediction_type == "v_prediction"
+        if self.min_snr_gamma is not None:
+            snr = self.snr(t).float()
+            clipped = torch.clamp(snr, max=self.min_snr_gamma)
+            denominator = snr + 1.0 if v_prediction else snr
+            weight = torch.where(denominator > 0, clipped / denominator, torch.ones_like(snr))
+        if self.debiased_estimation:
+            snr = torch.clamp(self.snr(t).float(), max=1000.0)
+            debias = 1.0 / (snr + 1.0) if v_prediction else 1.0 / torch.sqrt(snr)
+            weight = debias if weight is None else weight * debias
+        return torch.ones(t.shape, device=t.device) if weight is None else weight
+
+    def noise_fraction(self, t: torch.Tensor) -> torch.Tensor:
+        return t.float() / self.num_train_timesteps
+
+    def noise_to_signal(self, t: torch.Tensor) -> torch.Tensor:
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(t.device)[t].float()
+        return torch.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # kohya's huber "sigmas"; inf at zero SNR
 
 
 TIMESTEP_SAMPLERS = ("uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift")
@@ -104,7 +155,7 @@ WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
 
 
 @dataclass
-class FlowMatchObjective:
+class FlowMatchObjective(_ElementLossMixin):
     """Rectified flow (SD3, Flux.1): x_σ = (1 − σ)·x0 + σ·noise, the model predicts the velocity noise − x0.
 
     `t` here is σ itself, in (0, 1), float32; each family scales it for its transformer (Flux takes σ,
@@ -135,6 +186,7 @@ class FlowMatchObjective:
     weighting_scheme: str = "none"
     patch_size: int = 2
     """Latent pixels per token side, for flux_shift's token count."""
+    loss: ElementLoss = field(default_factory=ElementLoss)
 
     prediction_type = "flow"
 
@@ -209,6 +261,13 @@ class FlowMatchObjective:
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return noise - x0
 
+    def noise_fraction(self, t: torch.Tensor) -> torch.Tensor:
+        return t.float()
+
+    def noise_to_signal(self, t: torch.Tensor) -> torch.Tensor:
+        sigma = t.float()
+        return sigma / (1.0 - sigma)  # x_σ = (1 − σ)·x0 + σ·noise
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         sigma = t.float()
         if self.weighting_scheme == "sigma_sqrt":
@@ -253,12 +312,20 @@ def make_flow_objective(train, shift: float, default_sampling: str, patch_size: 
     return FlowMatchObjective(
         sampling=sampling, shift=shift, discrete_flow_shift=train.discrete_flow_shift, logit_mean=train.logit_mean,
         logit_std=train.logit_std, mode_scale=train.mode_scale, sigmoid_scale=train.sigmoid_scale,
-        weighting_scheme=train.weighting_scheme, patch_size=patch_size,
+        weighting_scheme=train.weighting_scheme, patch_size=patch_size, loss=ElementLoss.from_train(train),
     )
 
 
 FLOW_ONLY_SETTINGS = {"timestep_sampling": "auto", "weighting_scheme": "none"}
 """TrainConfig keys (with their defaults) that only flow-matching models read."""
+DDPM_ONLY_SETTINGS = {"min_snr_gamma": None, "debiased_estimation": False, "zero_terminal_snr": False,
+                      "min_timestep": None, "max_timestep": None}
+"""TrainConfig keys (with their defaults) that only DDPM models read."""
+FLOW_INSTEAD = {"min_snr_gamma": "train.weighting_scheme (none, sigma_sqrt, cosmap)",
+                "debiased_estimation": "train.weighting_scheme (none, sigma_sqrt, cosmap)",
+                "zero_terminal_snr": "nothing: σ = 1 is pure noise already",
+                "min_timestep": "train.timestep_sampling and its settings (logit_mean, discrete_flow_shift, ...)",
+                "max_timestep": "train.timestep_sampling and its settings (logit_mean, discrete_flow_shift, ...)"}
 
 
 def check_objective_settings(train, objective: str, model: str) -> None:
@@ -266,9 +333,11 @@ def check_objective_settings(train, objective: str, model: str) -> None:
     `objective` is the family's ("ddpm" or "flow"); `model` names it in the message."""
     from difftune.errors import ConfigError
 
-    if objective == "flow" and train.min_snr_gamma is not None:
-        raise ConfigError(f"train.min_snr_gamma is for DDPM models; {model} is trained with flow matching: "
-                          "use train.weighting_scheme (none, sigma_sqrt, cosmap) instead")
+    if objective == "flow":
+        for key, default in DDPM_ONLY_SETTINGS.items():
+            if getattr(train, key) != default:
+                raise ConfigError(f"train.{key} is for DDPM models; {model} is trained with flow matching: "
+                                  f"use {FLOW_INSTEAD[key]} instead")
     if objective == "ddpm":
         for key, default in FLOW_ONLY_SETTINGS.items():
             if getattr(train, key) != default:

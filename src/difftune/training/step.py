@@ -26,6 +26,9 @@ from difftune.data.batch import Batch
 from difftune.errors import ConfigError
 from difftune.models.base import DiffusionModel
 from difftune.models.objectives import Objective
+from difftune.training.noise import NoiseOptions, draw_noise, input_noise
+
+__all__ = ["batch_loss", "draw_noise", "per_sample_loss", "step_generator"]
 
 
 def per_sample_loss(
@@ -37,16 +40,19 @@ def per_sample_loss(
     t: torch.Tensor,
     weighted: bool = True,
     mask: torch.Tensor | None = None,
+    noisy_with: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the model's prediction and its target, one value per sample (shape (B,)).
+    """The element-wise loss (train.loss_type; MSE by default) between the model's prediction and
+    its target, averaged to one value per sample (shape (B,)).
 
     `weighted`: apply the objective's training weight (Min-SNR, ...); validation measures the plain loss.
     `mask`: (B, 1, h, w) weights at latent resolution (latent_mask), or None (every pixel counts).
+    `noisy_with`: the noise the input is made with when it is not the target's (input perturbation).
     """
-    noisy = objective.noisy(latents, noise, t)
+    noisy = objective.noisy(latents, noise if noisy_with is None else noisy_with, t)
     prediction = model.predict(noisy, t, cond).float()
     target = objective.target(latents, noise, t).float()
-    error = F.mse_loss(prediction, target, reduction="none")
+    error = objective.elementwise_loss(prediction, target, t)
     if mask is not None:
         error = error * mask
     loss = error.mean(dim=(1, 2, 3))
@@ -83,21 +89,12 @@ def check_latent_size(model: DiffusionModel, objective: Objective, latents: torc
             f"Set data.resolution and data.bucket_reso_steps to multiples of {factor * patch}")
 
 
-def draw_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise (with optional offset noise: a per-channel constant, so the model learns to shift
-    the mean brightness) from an explicit CPU generator: identical on every device and on resume."""
-    shape = latents.shape
-    noise = torch.randn(shape, generator=generator)
-    if noise_offset > 0:
-        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
-    return noise.to(latents.device, latents.dtype)
-
-
 def batch_loss(model: DiffusionModel, objective: Objective, batch: Batch, generator: torch.Generator, *,
-               device: torch.device, autocast, noise_offset: float = 0.0, text_grad: bool = False,
+               device: torch.device, autocast, noise_options: NoiseOptions = NoiseOptions(), text_grad: bool = False,
                text_cache=None, prior_loss_weight: float = 1.0) -> torch.Tensor:
     """Mean training loss of a batch: latents, text and conditioning, then noise and timesteps drawn
-    from `generator` in a fixed order (latent sample, noise, offset, timesteps). `text_cache`
+    from `generator` in a fixed order (latent sample, noise and its options, timesteps, input
+    perturbation: training/noise.py). `text_cache`
     (data/text_cache.py) replaces the text encoders when they are frozen; masks and the samples'
     weights apply as the module docstring says."""
     latents = (model.encode_images(batch.pixels.to(device), generator) if batch.latent_mean is None
@@ -113,9 +110,11 @@ def batch_loss(model: DiffusionModel, objective: Objective, batch: Batch, genera
             else:
                 text = text_cache.lookup(batch.captions) if text_cache is not None else model.encode_text(batch.captions)
         cond = model.condition(text, batch)
-        noise = draw_noise(latents, generator, noise_offset)
+        noise = draw_noise(latents, generator, noise_options)
         t = objective.sample_t(latents.shape[0], generator, tuple(latents.shape[-2:])).to(latents.device)
-        loss = per_sample_loss(model, objective, latents, cond, noise, t, mask=mask)
+        noisy_with = input_noise(noise, generator, noise_options)
+        loss = per_sample_loss(model, objective, latents, cond, noise, t, mask=mask,
+                               noisy_with=None if noisy_with is noise else noisy_with)
         return loss.mean() if weights is None else (loss * weights.to(loss.device)).mean()
 
 

@@ -182,6 +182,7 @@ class LoraFamilyNetwork:
         self.multiplier = multiplier
         self.attached = False
         self._hooks: list = []
+        self.notes: list[str] = []
         for module in self.loras:
             module.multiplier = multiplier
             self.net.add_module(module.lora_name, module)  # registered, so parameters()/state_dict() see them
@@ -279,11 +280,37 @@ class LoraFamilyNetwork:
 
     # ----------------------------------------------------------------------------- the protocol
     def param_groups(self, lrs: dict[str, float]) -> list[dict[str, Any]]:
+        """One group per trained role; with LoRA+ or block LR weights (network/lr_weights.py) one more per
+        other multiplier, named "<role> x<multiplier>". Parameters at multiplier 0 are frozen."""
+        weights = self.lr_weights()
         groups = []
         for role in self.trained_roles():
-            params = [p for m in self.loras if self.role_of(m.lora_name) == role for p in m.parameters() if p.requires_grad]
-            groups.append({"params": params, "lr": lrs[role], "name": role})
+            by_weight: dict[float, list[torch.nn.Parameter]] = {}
+            for module in self.loras:
+                if self.role_of(module.lora_name) != role:
+                    continue
+                for name, param in module.named_parameters():
+                    if not param.requires_grad:
+                        continue
+                    weight = 1.0 if weights is None else weights.parameter(module.lora_name, name, role == DENOISER)
+                    if weight == 0:
+                        param.requires_grad_(False)
+                        continue
+                    by_weight.setdefault(weight, []).append(param)
+            for weight in sorted(by_weight, key=lambda w: (w != 1.0, w)):
+                groups.append({"params": by_weight[weight], "lr": lrs[role] * weight,
+                               "name": role if weight == 1.0 else f"{role} x{weight:g}"})
         return groups
+
+    def lr_weights(self):
+        """The configured LoRA+ ratio and block LR weights, or None when there are none."""
+        if self.config is None:
+            return None
+        from difftune.network.lr_weights import LrWeights
+
+        down_blocks = getattr(getattr(self.model.parts.get(DENOISER), "down_blocks", None), "__len__", None)
+        weights = LrWeights(self.config.network, down_blocks() if down_blocks else None, self.notes)
+        return weights if weights.any else None
 
     def trained_roles(self) -> list[str]:
         """Roles with at least one layer of the network, in the model's order."""

@@ -1,0 +1,105 @@
+"""Per-layer LR multipliers of a LoRA-family network: kohya's block LR weights and LoRA+.
+
+Block LR weights (kohya's network_args down_lr_weight / mid_lr_weight / up_lr_weight) scale the LR of
+the UNet's blocks in the LDM numbering A1111's block-weight tools use: IN00..IN11 (IN00 is conv_in, which
+has no LoRA), MID, OUT00..OUT11 on SD 1.x/2.x; IN00..IN08, MID, OUT00..OUT08 on SDXL. From diffusers'
+module names, as kohya's get_block_index: down_blocks.i.{resnets,attentions}.j is IN(1 + 3i + j),
+its downsampler IN(3 + 3i); up_blocks.i.{resnets,attentions}.j is OUT(3i + j), its upsampler OUT(2 + 3i);
+mid_block is MID. A list shorter than the block count is padded with 1.0 (kohya); a longer one is cut
+there, with a note. Presets (kohya's) fill the list: sine, cosine, linear, reverse_linear, zeros, each
+optionally "+offset" ("sine+0.5"). A weight of 0 freezes the block's layers (kohya does not create
+them; here they stay at their initial, zero, update). Layers outside the blocks (conv_in, time
+embedding, conv_out) and the text encoders keep weight 1.
+
+LoRA+ (Hayou et al. 2024; kohya's loraplus_lr_ratio): the B ("lora_up") matrices train at ratio × the
+LR of their A matrices, for the algorithms that have them (lora, locon).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+BLOCK_PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
+LORA_PLUS_TYPES = ("lora", "locon")
+_UPDOWN = re.compile(r"_(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)_")
+
+
+def check_block_spec(value: str | list[float] | None) -> str | list[float] | None:
+    """A preset name (optionally +offset) or a list of non-negative numbers; the error lists the presets."""
+    if value is None or isinstance(value, list):
+        if value is not None and any(w < 0 for w in value):
+            raise ValueError("block LR weights must be >= 0 (0 freezes a block)")
+        return value
+    name, _, offset = value.partition("+")
+    if name not in BLOCK_PRESETS:
+        raise ValueError(f"{value!r}: expected a list of numbers or a preset: {', '.join(BLOCK_PRESETS)} "
+                         "(optionally +offset, e.g. 'sine+0.5')")
+    if offset:
+        try:
+            float(offset)
+        except ValueError:
+            raise ValueError(f"{value!r}: the part after '+' must be a number") from None
+    return value
+
+
+def block_weights(spec: str | list[float] | None, count: int, where: str, notes: list[str]) -> list[float] | None:
+    """The spec as `count` weights (None: not set)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        name, _, offset = spec.partition("+")
+        base = float(offset) if offset else 0.0
+        ramp = [i / (count - 1) for i in range(count)]
+        values = {"sine": [math.sin(math.pi * r / 2) for r in ramp],
+                  "cosine": [math.sin(math.pi * r / 2) for r in reversed(ramp)],
+                  "linear": ramp, "reverse_linear": list(reversed(ramp)), "zeros": [0.0] * count}[name]
+        return [v + base for v in values]
+    if len(spec) > count:
+        notes.append(f"{where} has {len(spec)} values; this UNet has {count} blocks there: the last "
+                     f"{len(spec) - count} are not used")
+        return list(spec[:count])
+    return list(spec) + [1.0] * (count - len(spec))
+
+
+def block_of(lora_name: str) -> tuple[str, int] | None:
+    """("down", index) / ("mid", 0) / ("up", index) of a UNet LoRA module, None outside the blocks."""
+    match = _UPDOWN.search(lora_name)
+    if match:
+        side, i, kind, j = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
+        index = 3 * i + (2 if kind in ("upsamplers", "downsamplers") else j)
+        return (side, index + 1) if side == "down" else (side, index)
+    if "_mid_block_" in lora_name:
+        return ("mid", 0)
+    return None
+
+
+class LrWeights:
+    """The multiplier of each (module, parameter) of a network, from the [network] settings."""
+
+    def __init__(self, network_config, down_blocks: int | None, notes: list[str]):
+        count = 3 * down_blocks if down_blocks else 0
+        self.down = block_weights(network_config.down_lr_weight, count, "network.down_lr_weight", notes)
+        self.up = block_weights(network_config.up_lr_weight, count, "network.up_lr_weight", notes)
+        self.mid = network_config.mid_lr_weight
+        self.plus = {"denoiser": network_config.loraplus_unet_lr_ratio or network_config.loraplus_lr_ratio,
+                     "text": network_config.loraplus_text_encoder_lr_ratio or network_config.loraplus_lr_ratio}
+
+    @property
+    def any(self) -> bool:
+        return any(w is not None for w in (self.down, self.up, self.mid, *self.plus.values()))
+
+    def block(self, lora_name: str, is_denoiser: bool) -> float:
+        place = block_of(lora_name) if is_denoiser else None
+        if place is None:
+            return 1.0
+        side, index = place
+        weights = {"down": self.down, "up": self.up}.get(side)
+        if side == "mid":
+            return 1.0 if self.mid is None else self.mid
+        return 1.0 if weights is None or index >= len(weights) else weights[index]
+
+    def parameter(self, lora_name: str, param_name: str, is_denoiser: bool) -> float:
+        ratio = self.plus["denoiser" if is_denoiser else "text"]
+        plus = ratio if ratio is not None and "lora_up" in param_name else 1.0
+        return self.block(lora_name, is_denoiser) * plus

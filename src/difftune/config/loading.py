@@ -132,6 +132,11 @@ def _check_registries(config: Config, source: str, libraries: bool = True) -> No
     from difftune.optim.registry import check_optimizer_config, check_scheduler_config
 
     problems = check_optimizer_config(config, libraries) + check_scheduler_config(config)
+    if libraries and config.output.wandb:
+        from difftune.reporting.wandb_sink import INSTALL_HINT, wandb_available
+
+        if not wandb_available():
+            problems.append(f"output.wandb = true needs the wandb package, which is not installed: {INSTALL_HINT}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(f"{source}: {p}" for p in problems))
 

@@ -9,12 +9,14 @@ from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None, wandb=None):
         """`purge_step`: a resumed run logs again from this step; TensorBoard then hides the events an
-        earlier session logged at or after it (metrics.jsonl is truncated by the resume itself)."""
+        earlier session logged at or after it (metrics.jsonl is truncated by the resume itself).
+        `wandb`: a reporting/wandb_sink.WandbSink, or None."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = self.path.open("a", encoding="utf-8")
         self._writer = None
+        self.wandb = wandb
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -28,11 +30,20 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(record)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """A sample grid, to W&B (TensorBoard and the run directory have the PNG files)."""
+        if self.wandb is not None:
+            self.wandb.log_image(key, path, step)
 
     def close(self) -> None:
         self._file.close()
         if self._writer is not None:
             self._writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

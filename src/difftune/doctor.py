@@ -22,6 +22,10 @@ def diagnose(config: Config) -> dict[str, Any]:
     from difftune.model_facts import model_facts
 
     facts = model_facts(config)  # counted on a weightless copy of the model, or remembered
+    from difftune.training.option_advice import loss_and_noise_lines, option_warnings
+
+    report["warnings"] += option_warnings(config, prediction_type(config, facts), plan.total_steps)
+    report["extra"] = {**report["extra"], **loss_and_noise_lines(config)}
     if config.network.type not in (None, "none"):
         from difftune.network.facts import format_facts
 
@@ -43,6 +47,13 @@ def diagnose(config: Config) -> dict[str, Any]:
         report["memory_budget"] = budget
         report["extra"] = {**report["extra"], **format_budget(budget)}
     return report
+
+
+def prediction_type(config: Config, facts: dict[str, Any]) -> str | None:
+    """What the denoiser predicts: the config's choice, else the model's (None when unknown)."""
+    if config.model.prediction_type != "auto":
+        return config.model.prediction_type
+    return facts.get("prediction_type")
 
 
 def memory_lines(config: Config) -> tuple[dict[str, str], list[str]]:

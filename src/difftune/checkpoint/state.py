@@ -60,6 +60,8 @@ class TrainerState:
     best_val_step: int | None = None
     elapsed_seconds: float = 0.0
     """Wall time of all sessions of the run up to this state (start-up excluded)."""
+    ema_updates: int = 0
+    """Updates of the EMA (training/ema.py) so far; 0 without one."""
 
 
 @dataclass

@@ -263,6 +263,18 @@ class NetworkConfig(Section):
     constraint: float | None = Field(None, ge=0.0, description="OFT/BOFT norm constraint (COFT); 0 or unset: unconstrained.")
     rescaled: bool = Field(False, description="OFT/BOFT: learn a per-channel rescale too.")
     init_from: str | None = Field(None, description="Existing LoRA file (kohya or diffusers layout) to continue training from.")
+    loraplus_lr_ratio: float | None = Field(None, gt=0.0, description="LoRA+ (kohya's name): the B (lora_up) "
+                                            "matrices train at this multiple of the LR (16 is the paper's); lora, locon.")
+    loraplus_unet_lr_ratio: float | None = Field(None, gt=0.0, description="LoRA+ ratio of the denoiser's layers "
+                                                 "only; default loraplus_lr_ratio.")
+    loraplus_text_encoder_lr_ratio: float | None = Field(None, gt=0.0, description="LoRA+ ratio of the text "
+                                                         "encoders' layers only; default loraplus_lr_ratio.")
+    down_lr_weight: str | list[float] | None = Field(
+        None, description="LR multipliers of the UNet's input blocks IN00.. (kohya): a list (12 on SD1/2, 9 on "
+        "SDXL; shorter is padded with 1) or a preset sine, cosine, linear, reverse_linear, zeros (+offset).")
+    mid_lr_weight: float | None = Field(None, ge=0.0, description="LR multiplier of the UNet's middle block (kohya).")
+    up_lr_weight: str | list[float] | None = Field(
+        None, description="LR multipliers of the UNet's output blocks OUT00.. (kohya), as down_lr_weight.")
 
     @field_validator("type")
     @classmethod
@@ -297,6 +309,29 @@ class NetworkConfig(Section):
     def _dora_supported(cls, value: bool, info: ValidationInfo) -> bool:
         if value:
             network_rules.check_dora(info.data.get("type"), info.data.get("dropout", 0.0))
+        return value
+
+    @field_validator("down_lr_weight", "up_lr_weight")
+    @classmethod
+    def _block_weights(cls, value):
+        from difftune.network.lr_weights import check_block_spec
+
+        return check_block_spec(value)
+
+    @field_validator("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
+                     "down_lr_weight", "mid_lr_weight", "up_lr_weight")
+    @classmethod
+    def _lr_weights_need_a_network(cls, value, info: ValidationInfo):
+        if value is None or "type" not in info.data:
+            return value
+        network_type = info.data.get("type")
+        if network_type in network_rules.FULL_FINETUNE_TYPES:
+            raise ValueError("LoRA+ and block LR weights apply to a LoRA-family network; set network.type")
+        from difftune.network.lr_weights import LORA_PLUS_TYPES
+
+        if info.field_name.startswith("loraplus") and network_type not in LORA_PLUS_TYPES:
+            raise ValueError(f"LoRA+ scales the B (lora_up) matrices, which network.type = {network_type!r} does not "
+                             f"have; it applies to {', '.join(LORA_PLUS_TYPES)}")
         return value
 
     @field_validator("init_from")
@@ -347,8 +382,39 @@ class TrainConfig(Section):
     train_text_encoder: bool | list[Literal["text_encoder", "text_encoder_2", "text_encoder_3"]] = Field(
         False, description="Train the text encoder(s): true trains every one the model has, or name them, e.g. "
         "[\"text_encoder\"] to train only SDXL's first (CLIP ViT-L) encoder.")
-    noise_offset: float = Field(0.0, ge=0.0, description="Offset noise strength (0 disables).")
+    noise_offset: float = Field(0.0, ge=0.0, description="Offset noise strength (0 disables); EveryDream2's "
+                                "zero_frequency_noise_ratio is read as this.")
+    zero_frequency_noise_ratio: float | None = Field(None, ge=0.0, description="EveryDream2's name for "
+                                                     "noise_offset (the same offset noise); set one of the two.")
+    noise_offset_random_strength: bool = Field(False, description="Draw each step's offset strength uniformly "
+                                               "from [0, noise_offset) (kohya).")
+    multires_noise_iterations: int = Field(0, ge=0, description="Pyramid (multi-resolution) noise levels added to "
+                                           "the noise, kohya's multires_noise_iterations (6-10 typical; 0 disables).")
+    multires_noise_discount: float = Field(0.3, gt=0.0, le=1.0, description="Weight of each coarser pyramid level "
+                                           "relative to the one before (kohya's default 0.3).")
+    input_perturbation: float = Field(0.0, ge=0.0, description="Input perturbation (diffusers' input_perturbation, "
+                                      "kohya's ip_noise_gamma): the noisy input gets extra noise of this strength "
+                                      "that the target does not (0.1 typical; 0 disables).")
+    input_perturbation_random_strength: bool = Field(False, description="Draw each step's perturbation strength "
+                                                     "uniformly from [0, input_perturbation) (kohya).")
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field(
+        "l2", description="Element-wise loss (kohya's names): l2 (MSE), l1, huber (pseudo-Huber with threshold "
+        "huber_c: l2 below, l1 above) or smooth_l1 (huber divided by huber_c).")
+    huber_c: float = Field(0.1, gt=0.0, description="Huber threshold (kohya's huber_c), shaped over the noise "
+                           "levels by huber_schedule.")
+    huber_schedule: Literal["constant", "exponential", "snr"] = Field(
+        "snr", description="How the Huber threshold varies with the noise level (kohya): constant huber_c, "
+        "exponential from 1 at no noise to huber_c at full noise, snr (1 - huber_c) / (1 + noise-to-signal)^2 + huber_c.")
+    huber_scale: float = Field(1.0, gt=0.0, description="Multiplier of the constant and exponential thresholds (kohya).")
     min_snr_gamma: float | None = Field(None, gt=0.0, description="Min-SNR loss weighting gamma (e.g. 5); off when unset.")
+    debiased_estimation: bool = Field(False, description="Weight the loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), "
+                                      "kohya's debiased_estimation_loss; DDPM models.")
+    zero_terminal_snr: bool = Field(False, description="Rescale the noise schedule so its last timestep is pure "
+                                    "noise (Lin et al. 2023; diffusers' rescale_betas_zero_snr), for v-prediction "
+                                    "models; samples and saved folders use the rescaled schedule too.")
+    min_timestep: int | None = Field(None, ge=0, description="Lowest training timestep drawn (DDPM models; default 0).")
+    max_timestep: int | None = Field(None, ge=1, description="One past the highest training timestep drawn (DDPM "
+                                     "models; default the schedule's 1000), as kohya's max_timestep.")
     timestep_sampling: Literal["auto", "uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift"] = Field(
         "auto", description="Flow-matching models: how σ is drawn (kohya's names). auto: flux_shift for Flux, "
         "logit_normal for SD3. See docs/flow_matching.md.")
@@ -372,6 +438,18 @@ class TrainConfig(Section):
         description="A find-lr result (find_lr.json): sets lr from its recommendation, or for lr_scheduler = 'cyclic' "
         "lr_min and lr from its lr_min and lr_max. Wins over lr/lr_min written next to it.",
     )
+
+    @model_validator(mode="after")
+    def _one_spelling_and_a_timestep_range(self) -> TrainConfig:
+        if self.zero_frequency_noise_ratio and self.noise_offset and self.zero_frequency_noise_ratio != self.noise_offset:
+            raise ValueError(f"train.zero_frequency_noise_ratio = {self.zero_frequency_noise_ratio} and train.noise_offset "
+                             f"= {self.noise_offset}: they are EveryDream2's and kohya's names for the same offset "
+                             "noise; set one")
+        low, high = self.min_timestep or 0, self.max_timestep
+        if high is not None and low >= high:
+            raise ValueError(f"train.min_timestep = {low} must be below train.max_timestep = {high} (one past the "
+                             "highest timestep drawn)")
+        return self
 
 
 class OptimizerConfig(Section):
@@ -398,6 +476,28 @@ class ValidationConfig(Section):
     stabilize_train_count: int = Field(32, ge=1, description="Training images in the stabilized-train-loss subset.")
 
 
+EMA_USES = ("validation", "samples", "export")
+
+
+class EMAConfig(Section):
+    """An exponential moving average of the trained weights (training/ema.py has the formulas)."""
+
+    enabled: bool = Field(False, description="Keep an EMA of the trained weights (full fine-tune or network).")
+    decay: float = Field(0.999, gt=0.0, lt=1.0, description="Per-step decay: the average spans about "
+                         "1 / (1 - decay) steps (0.999: 1000). OneTrainer's default; diffusers' scripts use 0.9999.")
+    update_every: int = Field(1, ge=1, description="Update the average every N optimizer steps (decay**N each "
+                              "time, so the span in steps stays the same; OneTrainer's ema_update_step_interval).")
+    warmup: bool = Field(False, description="diffusers EMAModel's use_ema_warmup: the decay ramps up as "
+                         "1 - (1 + step / inv_gamma) ** -power, capped at decay; off: decay from the first step.")
+    inv_gamma: float = Field(1.0, gt=0.0, description="Warmup's inv_gamma (diffusers' default 1).")
+    power: float = Field(2 / 3, gt=0.0, description="Warmup's power (diffusers' default 2/3; 3/4 for short runs).")
+    device: Literal["auto", "cpu"] = Field("auto", description="Where the average lives: auto (beside the trained "
+                                           "weights) or cpu (off the GPU, at a copy per update).")
+    use_for: list[Literal[EMA_USES]] = Field(
+        list(EMA_USES), description="What uses the EMA weights: validation (so find-steps picks the step by "
+        "them), samples, export (the save's main files; the other weights are written beside them).")
+
+
 class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts rendered into a sample grid.")
     every_n_steps: int | None = Field(None, ge=1, description="Render samples every N optimizer steps (and at the end).")
@@ -422,6 +522,13 @@ class OutputConfig(Section):
         return expand_home(value)
     save_every_n_steps: int | None = Field(None, ge=1, description="Save a checkpoint every N optimizer steps.")
     save_every_n_epochs: int | None = Field(None, ge=1, description="Save a checkpoint every N epochs.")
+    save_every_n_minutes: float | None = Field(None, gt=0.0, description="Save a checkpoint when this many minutes "
+                                               "have passed since the last save (EveryDream2's save_every_n_minutes).")
+    save_from_epoch: int = Field(0, ge=0, description="No periodic save before this many epochs are complete "
+                                 "(EveryDream2's save_ckpts_from_n_epochs); the final save always happens.")
+    log_every_n_steps: int = Field(1, ge=1, description="Write a metrics record (metrics.jsonl, TensorBoard) every N "
+                                   "steps, its loss the mean since the last record (EveryDream2's log_step); steps "
+                                   "that validate, sample or save always write one.")
     save_last_n: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints (the final one is always kept).")
     save_state: bool = Field(True, description="Save resumable training state with each checkpoint.")
     save_precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Precision of exported weights.")
@@ -436,6 +543,10 @@ class OutputConfig(Section):
         "(pipeline.load_lora_weights), or both.",
     )
     tensorboard: bool = Field(True, description="Write TensorBoard event files.")
+    wandb: bool = Field(False, description="Log to Weights & Biases too (optional: pip install 'difftune[wandb]'; "
+                        "WANDB_MODE=offline keeps it on disk).")
+    wandb_project: str | None = Field(None, description="W&B project; default 'difftune'.")
+    wandb_run_name: str | None = Field(None, description="W&B run name; default the run directory's name.")
     overwrite: bool = Field(False, description="Allow training into a run directory that already has metrics.")
     save_best: bool = Field(False, description="Keep an export of the weights with the lowest validation loss in checkpoints/best.")
 
@@ -511,6 +622,7 @@ class Config(Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     find_lr: FindLRConfig = Field(default_factory=FindLRConfig)
     find_steps: FindStepsConfig = Field(default_factory=FindStepsConfig)

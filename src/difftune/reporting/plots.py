@@ -48,9 +48,12 @@ def plot_run(records: list[dict[str, Any]], plots_dir: Path, diverged_at: int | 
     if steps:
         ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss")
         ax.plot(steps, ema(loss), color="tab:blue", label="train loss (EMA)")
+    ema_is_main = any("val_loss_raw" in r for r in records)  # ema.use_for = validation: val_loss is the EMA's
     for key, color, label in (
         ("stable_train_loss", "tab:green", "stabilized train loss"),
-        ("val_loss", "tab:red", "validation loss"),
+        ("val_loss", "tab:red", "validation loss" + (" (EMA weights)" if ema_is_main else "")),
+        ("val_loss_raw", "tab:orange", "validation loss (training weights)"),
+        ("val_loss_ema", "tab:purple", "validation loss (EMA weights)"),
     ):
         s, v = series(records, key)
         if s:

@@ -45,6 +45,7 @@ from difftune.reporting.plots import plot_run
 from difftune.reporting.progress import Progress
 from difftune.reporting.samples import write_sample_grid
 from difftune.training.memory import MemoryPlan, memory_plan
+from difftune.training.noise import NoiseOptions
 from difftune.training.plan import Plan, make_plan
 from difftune.training.run_dir import open_run_dir
 from difftune.training.step import batch_loss, step_generator
@@ -78,6 +79,8 @@ class Trainer:
         self.config = config
         self.early_stopping = early_stopping
         self.show_progress = show_progress
+        self.clock = time.monotonic  # seconds; save_every_n_minutes reads it (tests give a fake one)
+        self.metrics: MetricsLog | None = None  # while train() runs
         self.plan: Plan = make_plan(config)  # data errors surface before any model loads
         self.accelerator = _make_accelerator(config)
         self.run_dir, self.lock, self.notes = open_run_dir(config, resuming, command)
@@ -95,6 +98,7 @@ class Trainer:
         self.notes += check_family_settings(config)
         self.model = load_model(config.model)
         self.objective = self.model.make_objective(config.train)
+        self.noise_options = NoiseOptions.from_train(config.train)
         if self.memory.fp8:  # before the network: LyCORIS wraps each layer's casting forward
             from difftune.training.memory.precision import store_in_fp8
 
@@ -123,6 +127,7 @@ class Trainer:
         self._compile()
         train = config.train
         groups = self.network.param_groups(effective_lrs(train))  # one LR per trained role, scale_lr applied
+        self.notes += getattr(self.network, "notes", [])  # LoRA+ / block LR weights
         self.optimizer = build_optimizer(config, groups)
         self.scheduler = (
             build_scheduler(config, self.optimizer, self.plan.total_steps)
@@ -132,11 +137,15 @@ class Trainer:
         # Multi-GPU slots in here: prepare() wraps modules for DDP and the optimizer for AMP scaling.
         prepared = self.accelerator.prepare(*self.network.trained_modules(), self.optimizer)
         self.prepared_optimizer = prepared[-1]
+        self.ema = self._make_ema(config)
         self.val_probe = self._probe(self.plan.val_records)
         self.stable_probe = self._probe(self.plan.stable_train_records)
         self.state = TrainerState()
         self.fault_hook = env_fault_hook()
         self.notes += self.model.notes + list(self.memory.notes)
+        from difftune.training.option_advice import option_warnings
+
+        self.notes += option_warnings(config, self.model.prediction_type, self.plan.total_steps)
         self.notes += caption_notes(self.model, self.plan.train_records + self.plan.val_records)
         from difftune.training.dataset_manifest import changes, write_manifest
 
@@ -172,8 +181,15 @@ class Trainer:
         cfg, plan, state = self.config, self.plan, self.state
         total = plan.total_steps
         # A resumed run replays the steps after its save: TensorBoard hides what it logged for them before.
+        wandb = None
+        if cfg.output.wandb:
+            from difftune.reporting.wandb_sink import WandbSink
+
+            wandb = WandbSink(self.run_dir.root, cfg.output.wandb_project, cfg.output.wandb_run_name,
+                              config_to_dict(cfg))
         metrics = MetricsLog(self.run_dir.root, tensorboard=cfg.output.tensorboard,
-                             purge_step=state.step + 1 if state.step else None)
+                             purge_step=state.step + 1 if state.step else None, wandb=wandb)
+        self.metrics = metrics
         progress = Progress(total, initial=state.step, enabled=self.show_progress)
         self._announce(progress)
         self._clock = (time.perf_counter(), state.elapsed_seconds)
@@ -187,6 +203,7 @@ class Trainer:
         finally:
             progress.close()
             metrics.close()
+            self.metrics = None
         return self._finish(state.step - steps_at_start)
 
     def _loop(self, metrics: MetricsLog, progress: Progress) -> None:
@@ -198,14 +215,22 @@ class Trainer:
             if self.early_stopping is not None:
                 self.early_stopping.update(0, last_val)  # a run that never beats the baseline stops too
             metrics.log({"step": 0, "epoch": 0.0, **baseline})
+        losses_since_record: list[float] = []
+        self._last_save_clock = self.clock()
         for group in self.step_groups() if state.step < total else ():  # a finished run has nothing left
             loss = self.train_step(group)
+            losses_since_record.append(loss)
             epoch_done = state.batch_in_epoch >= plan.batches_per_epoch
             finishing = state.step >= total
             record = {"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / plan.batches_per_epoch, 4),
                       "loss": loss, **self.current_lrs()}
+            if self.ema is not None:
+                record["ema_decay"] = self.ema.current_decay(state.step)
+            saving = not finishing and _save_due(cfg, state, epoch_done, (self.clock() - self._last_save_clock) / 60)
+            eventful = finishing or saving
 
             if self.val_probe is not None and _due(cfg.validation, state, epoch_done, finishing):
+                eventful = True
                 record.update(self.validate())
                 last_val = record["val_loss"]
                 if cfg.output.save_best and state.best_val_step == state.step:
@@ -215,10 +240,17 @@ class Trainer:
                     record["early_stop"] = self.early_stopping.reason
             if cfg.sample.prompts and _due(cfg.sample, state, epoch_done, finishing):
                 self._sample(checkpoint_name(state.step))
-            metrics.log(record)  # before saving, so a resume from this save has this step's record
+                eventful = True
+            if eventful or state.step % cfg.output.log_every_n_steps == 0:
+                # The mean since the last record (the loss itself when every step writes one); a save always
+                # writes one first, so a resume from it starts a new window, as the uninterrupted run does.
+                record["loss"] = sum(losses_since_record) / len(losses_since_record)
+                metrics.log(record)  # before saving, so a resume from this save has this step's record
+                losses_since_record.clear()
             progress.update(loss, record["lr"], last_val)
-            if not finishing and _save_due(cfg, state, epoch_done):
+            if saving:
                 self._save(checkpoint_name(state.step))
+                self._last_save_clock = self.clock()
             if finishing:
                 break
 
@@ -248,6 +280,8 @@ class Trainer:
         loss = self.optimizer_step(group)
         self.state.step += 1
         self.state.batch_in_epoch += len(group)
+        if self.ema is not None:
+            self.ema.update(self.state.step)
         return loss
 
     def optimizer_step(self, group: list[Batch]) -> float:
@@ -259,7 +293,7 @@ class Trainer:
         for micro, batch in enumerate(group):
             generator = step_generator(cfg.train.seed, self.state.step, micro)
             loss = batch_loss(self.model, self.objective, batch, generator, device=accelerator.device,
-                              autocast=accelerator.autocast, noise_offset=cfg.train.noise_offset, text_grad=text_grad,
+                              autocast=accelerator.autocast, noise_options=self.noise_options, text_grad=text_grad,
                               text_cache=self.text_cache, prior_loss_weight=cfg.train.prior_loss_weight)
             if cfg.optimizer.fused_back_pass:  # it steps inside backward: check before, at a sync per micro-batch
                 self._refuse_non_finite([loss.item()])
@@ -301,31 +335,39 @@ class Trainer:
     # ------------------------------------------------------------------------------ periodic events
     def evaluate_probe(self, probe: FixedProbe) -> ProbeResult:
         """Per-item losses of any fixed probe under the weights validation sees (the tuners' raw data)."""
-        with self._eval_weights(), self._vae_on_device():
+        with self._weights_for("validation"), self._vae_on_device():
             return probe.evaluate(self.model, self.objective, self.accelerator.autocast, self.text_cache)
 
     def validate(self) -> dict[str, float]:
-        """Deterministic validation (and stabilized train) loss of the current weights."""
+        """Deterministic validation (and stabilized train) loss of the weights validation uses (the EMA's
+        with ema.use_for = validation); with an EMA, the other weights' loss too (val_loss_raw or
+        val_loss_ema), so the two can be compared."""
         out = {}
-        with self._eval_weights(), self._vae_on_device():  # a probe encodes its images the first time
+        evaluate = lambda probe: probe.evaluate(self.model, self.objective, self.accelerator.autocast,  # noqa: E731
+                                                self.text_cache).loss
+        with self._weights_for("validation"), self._vae_on_device():  # a probe encodes its images the first time
             if self.val_probe is not None:
-                result = self.val_probe.evaluate(self.model, self.objective, self.accelerator.autocast, self.text_cache)
-                out["val_loss"] = result.loss
-                if self.state.best_val_loss is None or result.loss < self.state.best_val_loss:
-                    self.state.best_val_loss, self.state.best_val_step = result.loss, self.state.step
+                out["val_loss"] = evaluate(self.val_probe)
+                if self.state.best_val_loss is None or out["val_loss"] < self.state.best_val_loss:
+                    self.state.best_val_loss, self.state.best_val_step = out["val_loss"], self.state.step
             if self.stable_probe is not None:
-                out["stable_train_loss"] = self.stable_probe.evaluate(self.model, self.objective, self.accelerator.autocast,
-                                                                      self.text_cache).loss
+                out["stable_train_loss"] = evaluate(self.stable_probe)
+        if self.ema is not None and self.val_probe is not None:
+            other = "raw" if self._uses_ema("validation") else "ema"
+            with self._weights_for("validation", other=True), self._vae_on_device():
+                out[f"val_loss_{other}"] = evaluate(self.val_probe)
         return out
 
     def _sample(self, name: str) -> None:
         # Samples run the pipeline's own text encoding: offloaded encoders come to the device meanwhile.
         encoders = self.text_cache.encoders_on_device() if self.text_cache is not None else contextlib.nullcontext()
-        with self._eval_weights(), encoders, self._vae_on_device():
+        with self._weights_for("samples"), encoders, self._vae_on_device():
             write_sample_grid(
                 self.model, self.config.sample, self.config.data.resolution,
                 self.run_dir.samples / f"{name}.png", title=f"{name}  seed {self.config.sample.seed}",
             )
+        if self.metrics is not None:
+            self.metrics.log_image("samples", self.run_dir.samples / f"{name}.png", self.state.step)
 
     def _save(self, name: str, with_state: bool = True) -> None:
         """Training state as trained (written first), then the export with the weights users should get."""
@@ -334,10 +376,20 @@ class Trainer:
         metadata = self._metadata()
 
         def export(directory: Path) -> None:
-            with self._eval_weights():
-                self.network.export(directory, self.model, metadata, SAVE_DTYPES[output.save_precision])
+            dtype = SAVE_DTYPES[output.save_precision]
+            with self._weights_for("export"):
+                self.network.export(directory, self.model, metadata, dtype)
+            if self.ema is not None:  # both weights are written: the other ones in a subfolder
+                other = directory / ("raw" if self._uses_ema("export") else "ema")
+                other.mkdir()
+                with self._weights_for("export", other=True):
+                    self.network.export(other, self.model, {**metadata, "difftune_weights": other.name}, dtype)
 
-        state = (TrainingState(self.network.state_dict(), self.optimizer, self.scheduler, self.state)
+        trainable = self.network.state_dict()
+        if self.ema is not None:
+            trainable = {**trainable, **self.ema.state_dict()}
+            self.state.ema_updates = self.ema.updates
+        state = (TrainingState(trainable, self.optimizer, self.scheduler, self.state)
                  if output.save_state and with_state else None)
         save_checkpoint(self.run_dir.checkpoints, name, export=export, state=state, fault_hook=self.fault_hook)
         if output.save_last_n:
@@ -347,6 +399,26 @@ class Trainer:
         """Wall time of the whole run so far, over every session of it (resumes included)."""
         started, before = getattr(self, "_clock", (time.perf_counter(), self.state.elapsed_seconds))
         return before + time.perf_counter() - started
+
+    def _uses_ema(self, purpose: str) -> bool:
+        return self.ema is not None and purpose in self.config.ema.use_for
+
+    def _weights_for(self, purpose: str, other: bool = False):
+        """The weights `purpose` (validation, samples, export) uses: the EMA's when ema.use_for names it,
+        else the training weights as evaluated (_eval_weights); `other`: the ones it does not use."""
+        if self._uses_ema(purpose) != other:
+            return self.ema.applied()
+        return self._eval_weights()
+
+    def _make_ema(self, config: Config):
+        """training/ema.py's average over every parameter the optimizer steps, when ema.enabled."""
+        if not config.ema.enabled:
+            return None
+        from difftune.training.ema import EMAWeights
+
+        e = config.ema
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return EMAWeights(params, e.decay, e.update_every, e.warmup, e.inv_gamma, e.power, e.device)
 
     @contextlib.contextmanager
     def _eval_weights(self):
@@ -499,11 +571,27 @@ class Trainer:
 
     def _resume(self) -> None:
         """Continue from the newest intact save; broken newer ones are named and skipped."""
+        from difftune.training.ema import split_state
+
+        saved_ema = {}
+
         def load_trainable(trainable: dict) -> None:
-            self.network.load_state_dict({k: v.to(self.accelerator.device) for k, v in trainable.items()})
+            network, ema = split_state(trainable)
+            self.network.load_state_dict({k: v.to(self.accelerator.device) for k, v in network.items()})
+            saved_ema.clear()
+            saved_ema.update(ema)
 
         self.state, folder, skipped = resume_latest(self.run_dir.checkpoints, self.optimizer, self.scheduler,
                                                     load_trainable)
+        if self.ema is not None and saved_ema:
+            self.ema.load_state_dict(saved_ema, self.state.ema_updates)
+        elif self.ema is not None:
+            self.ema.shadow = [p.detach().to(a.device, torch.float32, copy=True)
+                               for p, a in zip(self.ema.params, self.ema.shadow, strict=True)]
+            self.notes.append(f"ema.enabled: {folder.name} has no EMA (it was off); the average starts from its "
+                              "weights at step " + str(self.state.step))
+        elif saved_ema:
+            self.notes.append(f"{folder.name} holds an EMA of its weights; ema.enabled = false leaves it unused")
         truncate_metrics(self.run_dir.metrics, self.state.step)
         self.notes += [f"skipped save {why}" for why in skipped]
         if skipped:
@@ -609,9 +697,14 @@ def _due(section, state: TrainerState, epoch_done: bool, finishing: bool) -> boo
     return bool(epoch_done and section.every_n_epochs and (state.epoch + 1) % section.every_n_epochs == 0)
 
 
-def _save_due(config: Config, state: TrainerState, epoch_done: bool) -> bool:
+def _save_due(config: Config, state: TrainerState, epoch_done: bool, minutes_since_save: float) -> bool:
+    """Periodic saves: every N steps, every N epochs, N minutes after the last save, from save_from_epoch on."""
     out = config.output
+    if state.epoch + int(epoch_done) < out.save_from_epoch:  # epochs complete at this step
+        return False
     if out.save_every_n_steps and state.step % out.save_every_n_steps == 0:
+        return True
+    if out.save_every_n_minutes and minutes_since_save >= out.save_every_n_minutes:
         return True
     return bool(epoch_done and out.save_every_n_epochs and (state.epoch + 1) % out.save_every_n_epochs == 0)
 

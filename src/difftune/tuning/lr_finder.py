@@ -258,6 +258,7 @@ def _find_lr(config: Config, show_progress: bool) -> dict[str, Any]:
         sample={"prompts": []},
         validation={"every_n_steps": None, "every_n_epochs": 0},  # the sweep scores its own probes
         output={"tensorboard": False, "save_every_n_steps": None, "save_every_n_epochs": None},
+        ema={"enabled": False},  # the sweep scores the weights as they train at each LR, not a lagging average
     )
     ramp_fn = Ramp(step_lrs, config.train.lr)
     trainer = Trainer(sweep_config, show_progress=False, lr_multiplier=ramp_fn)

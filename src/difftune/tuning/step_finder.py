@@ -84,13 +84,15 @@ def _find_steps(config: Config, lr: float | None, show_progress: bool, folder: s
     root = trainer.run_dir.root
     records = read_metrics(trainer.run_dir.metrics)
     curve = [
-        {k: r[k] for k in ("step", "val_loss", "stable_train_loss") if k in r}
+        {k: r[k] for k in ("step", "val_loss", "val_loss_raw", "val_loss_ema", "stable_train_loss") if k in r}
         for r in records if r.get("val_loss") is not None
     ]
     analysis = analyze_steps([c["step"] for c in curve], [c["val_loss"] for c in curve], settings.margin)
     best_dir = trainer.run_dir.checkpoints / "best"
     result = {
         "lr": lr,
+        # With ema.use_for = validation the curve, the stop and the best step are the EMA weights' (ema.py).
+        "weights": "ema" if run_config.ema.enabled and "validation" in run_config.ema.use_for else "training",
         **analysis.to_json(),
         "early_stop": diverged or (stopper.reason if stopper is not None else None),
         "stopped_at": steps_done,
@@ -118,6 +120,7 @@ def format_result(result: dict[str, Any]) -> str:
     lines = [
         f"verdict: {result['verdict']}",
         f"lr {result['lr']:.3g}: best validation loss {result['best_loss']:.5f} at step {result['best_step']}"
+        + (" (EMA weights)" if result.get("weights") == "ema" else "")
         if result.get("best_loss") is not None else f"lr {result['lr']:.3g}: no validation loss",
     ]
     if band:

@@ -2,8 +2,7 @@
 # Issue 16's GPU run as one command on a lent machine (≤ 8 minutes on an H200, by the estimate in
 # bench/results/throughput_gpu.md). Prepare here, once:
 #     bash bench/gpu_wheels.sh                          # the packages the machine's image lacks -> .whl/
-#     python bench/throughput.py --cases sd1-lora --rounds 1 --short 2 --long 4 --no-warmup-round --out _scripts
-#                                                       # copies diffusers' scripts into bench/work/throughput/ref
+#     python bench/throughput.py --scripts-only         # copies diffusers' scripts into bench/work/throughput/ref
 # then, through the device tool:
 #     run(command="bash bench/gpu_throughput.sh", carry=[".whl", "bench/work/throughput/ref"], timeout_s=590)
 # Results come back under $OUT: throughput_gpu.{md,json} and every run's log.

@@ -458,6 +458,8 @@ def main() -> None:
                         "at a small resolution and batch (on a GPU they always are)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--out", default=None, help="result name under bench/results/ (default throughput_cpu or _gpu)")
+    parser.add_argument("--scripts-only", action="store_true",
+                        help="copy diffusers' scripts into bench/work/throughput/ref and stop (a GPU run's preparation)")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.mixed_precision = args.mixed_precision or ("bf16" if gpu else "no")
@@ -468,6 +470,9 @@ def main() -> None:
     args.threads = args.threads or (max(1, (os.cpu_count() or 2) // 2) if gpu else 1)
     args.out = args.out or ("throughput_gpu" if gpu else "throughput_cpu")
 
+    if args.scripts_only:
+        print(f"diffusers' scripts in {fetch_scripts(Path(args.diffusers))}")
+        return
     sys.path.insert(0, str(ROOT))
     import torch
     from step_flops import denoiser_step_flops

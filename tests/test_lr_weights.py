@@ -88,3 +88,39 @@ def test_block_presets_and_lists_are_kohyas():
 def test_a_misspelt_preset_lists_the_presets(quick_config):
     with pytest.raises(ConfigError, match="sine, cosine, linear, reverse_linear, zeros"):
         quick_config(network={"type": "lora", "up_lr_weight": "sinus"})
+
+
+def test_train_norm_trains_the_norm_layers_and_saves_them_in_the_kohya_file(quick_config):
+    from safetensors.torch import load_file
+
+    from difftune.config.schema import ModelConfig
+    from difftune.models import load_model
+    from difftune.network.lycoris_net import load_lora_file
+
+    config = quick_config(network={"type": "lora", "rank": 4, "preset": "attn-mlp", "train_norm": True},
+                          train={"max_steps": 2, "lr": 1e-2}, validation=NO_VALIDATION)
+    trainer = Trainer(config, show_progress=False)
+    trainer.run()
+    norms = [m for m in trainer.network.loras if type(m).__name__ == "NormModule"]
+    assert any("_norm1" in m.lora_name for m in norms)  # the transformer blocks' LayerNorms
+    assert any(m.op is torch.nn.functional.group_norm or "group_norm" in m.op.__name__ for m in norms)  # GroupNorms
+    trained = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in trained for m in norms for p in m.parameters())
+    moved = [m for m in norms if m.w_norm.abs().max() > 0]  # LyCORIS starts them at zero
+    assert moved
+    file = next((trainer.run_dir.checkpoints / "final").glob("*.safetensors"))
+    tensors = load_file(file)
+    name = moved[0].lora_name
+    assert f"{name}.w_norm" in tensors and f"{name}.b_norm" in tensors
+    loaded = load_lora_file(load_model(ModelConfig(path="tiny-sd")), file, attach=False)  # difftune reads it back
+    assert torch.equal(dict(loaded.net.named_parameters())[f"{name}.w_norm"].cpu(), moved[0].w_norm.detach().cpu())
+
+
+def test_train_norm_is_refused_where_it_cannot_apply(quick_config):
+    with pytest.raises(ConfigError, match="network.train_norm applies to a LoRA-family network"):
+        quick_config(network={"train_norm": True})
+    with pytest.raises(ConfigError, match="diffusers/PEFT layout has no place for norm weights"):
+        quick_config(network={"type": "lora", "train_norm": True}, output={"lora_format": "diffusers"})
+    with pytest.raises(ConfigError, match="holds no norm layer"):
+        Trainer(quick_config(network={"type": "lora", "preset": "attn-only", "train_norm": True},
+                             validation=NO_VALIDATION), show_progress=False)

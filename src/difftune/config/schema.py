@@ -275,6 +275,8 @@ class NetworkConfig(Section):
     mid_lr_weight: float | None = Field(None, ge=0.0, description="LR multiplier of the UNet's middle block (kohya).")
     up_lr_weight: str | list[float] | None = Field(
         None, description="LR multipliers of the UNet's output blocks OUT00.. (kohya), as down_lr_weight.")
+    train_norm: bool = Field(False, description="LyCORIS train_norm: also train the weight and bias of the norm "
+                             "layers (LayerNorm, GroupNorm) in the preset's modules; kohya-layout files (w_norm/b_norm).")
 
     @field_validator("type")
     @classmethod
@@ -640,4 +642,10 @@ class Config(Section):
             raise ValueError("data.keep_tokens only has an effect with data.shuffle_tags = true")
         if problem := network_rules.check_lora_format(self.output.lora_format, self.network.type, self.network.dora):
             raise ValueError(problem)
+        if self.network.train_norm and self.network.type in (None, "none"):
+            raise ValueError("network.train_norm applies to a LoRA-family network (a full fine-tune trains the norm "
+                             "layers already); set network.type")
+        if self.network.train_norm and self.output.lora_format != "kohya":
+            raise ValueError(f"network.train_norm with output.lora_format = '{self.output.lora_format}': the diffusers/"
+                             "PEFT layout has no place for norm weights; use output.lora_format = 'kohya'")
         return self

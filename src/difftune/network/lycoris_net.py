@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import ConfigDict
 from safetensors import safe_open
 
@@ -104,6 +105,7 @@ class NetworkSettings(NetworkConfig):
             "constraint": self.constraint or 0.0,
             "rescaled": self.rescaled,
             "bypass_mode": self.bypass,
+            "train_norm": self.train_norm,
             "warn_on_unmatched": False,
         }
 
@@ -189,6 +191,10 @@ class LoraFamilyNetwork:
         if settings is not None and settings.type == "dylora":
             for module in self.loras:
                 _deterministic_dylora(module)
+        if GROUP_NORM_CHANNELS_LAST_CRASH:
+            for module in self.loras:
+                if type(module).__name__ == "NormModule" and getattr(module, "op", None) is F.group_norm:
+                    module.op = _group_norm_contiguous_on_cpu
         if attach:
             self.attach()
 
@@ -214,6 +220,10 @@ class LoraFamilyNetwork:
         if not network.loras:
             raise ConfigError(f"network.preset = '{network.settings.preset}' matched no layer of this model "
                               "(train.train_unet / train.train_text_encoder select the parts)")
+        if config.network.train_norm and not any(type(m).__name__ == "NormModule" for m in network.loras):
+            raise ConfigError(f"network.train_norm: network.preset = '{network.settings.preset}' holds no norm layer "
+                              "of this model (it selects attention or linear layers only); use a preset whose modules "
+                              "contain the LayerNorms and GroupNorms (attn-mlp, full-lin or full)")
         for module in model.parts.values():
             module.requires_grad_(False)
         network.net.requires_grad_(True)
@@ -522,6 +532,19 @@ def _save_dtype(config: Config | None) -> torch.dtype:
 _SCALED_TWICE_ON_MERGE = ("LohaModule", "LokrModule")
 """In LyCORIS 4.1.3 these modules' get_weight() already applies alpha/rank and get_diff_weight() (what
 merge_to uses) applies it again, so a merge with alpha != rank would bake in the wrong strength."""
+
+
+GROUP_NORM_CHANNELS_LAST_CRASH = torch.__version__ < "2.14"
+"""torch 2.13's CPU group_norm backward segfaults (GroupNormBackwardKernelImplChannelsLastInternal) when
+the input is channels_last and needs no gradient while the weight needs one: train_norm's case,
+since LyCORIS's NormModule normalises the frozen input again with its delta weight, and the CPU's
+convolutions hand over channels_last activations. 2.14.1 does not crash (bench venv); earlier
+releases are guarded like 2.13."""
+
+
+def _group_norm_contiguous_on_cpu(x, **kwargs):
+    """F.group_norm with a contiguous input on the CPU (GROUP_NORM_CHANNELS_LAST_CRASH); the same values."""
+    return F.group_norm(x.contiguous() if x.device.type == "cpu" else x, **kwargs)
 
 
 def _live_diff_weight(module, multiplier=1.0, shape=None, device=None):

@@ -124,3 +124,34 @@ def test_train_norm_is_refused_where_it_cannot_apply(quick_config):
     with pytest.raises(ConfigError, match="holds no norm layer"):
         Trainer(quick_config(network={"type": "lora", "preset": "attn-only", "train_norm": True},
                              validation=NO_VALIDATION), show_progress=False)
+
+
+def test_layer_lr_weights_set_per_role_lrs_on_a_transformer_family(digits_dir, tmp_path):
+    from conftest import quick_config_dict
+    from difftune.config.loading import validate_config
+
+    network = {"type": "lora", "rank": 4, "layer_lr_weights": {"lora_unet_single_transformer_blocks_*": 0.5,
+                                                                 "*_attn_add_*": 2.0, "*_no_such_layer_*": 3.0}}
+    config = validate_config(quick_config_dict(digits_dir, tmp_path / "run", model={"path": "tiny-flux"},
+                                               network=network, train={"max_steps": 1}, validation=NO_VALIDATION), "t")
+    trainer = Trainer(config, show_progress=False)
+    try:
+        members = names_by_group(trainer)
+        assert set(members) == {"denoiser", "denoiser x0.5", "denoiser x2"}
+        assert members["denoiser x0.5"] and all(n.startswith("lora_unet_single_transformer_blocks_")
+                                              for n in members["denoiser x0.5"])
+        assert members["denoiser x2"] and all("_attn_add_" in n for n in members["denoiser x2"])  # the text stream
+        assert all(not n.startswith("lora_unet_single_") and "_attn_add_" not in n for n in members["denoiser"])
+        lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+        assert lrs["denoiser x0.5"] == pytest.approx(0.5 * lrs["denoiser"])
+        assert lrs["denoiser x2"] == pytest.approx(2 * lrs["denoiser"])
+        assert any("'*_no_such_layer_*' matches no layer" in note for note in trainer.notes)
+    finally:
+        trainer.close()
+
+
+def test_layer_lr_weights_need_a_network_and_non_negative_values(quick_config):
+    with pytest.raises(ConfigError, match="apply to a LoRA-family network"):
+        quick_config(network={"layer_lr_weights": {"*": 0.5}})
+    with pytest.raises(ConfigError, match=r"layer_lr_weights\['\*attn\*'\] = -1.0: a multiplier must be >= 0"):
+        quick_config(network={"type": "lora", "layer_lr_weights": {"*attn*": -1.0}})

@@ -7,6 +7,7 @@ Cross-field rules that need more than one section live in `Config._check_combina
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal, get_args
 
@@ -275,6 +276,11 @@ class NetworkConfig(Section):
     mid_lr_weight: float | None = Field(None, ge=0.0, description="LR multiplier of the UNet's middle block (kohya).")
     up_lr_weight: str | list[float] | None = Field(
         None, description="LR multipliers of the UNet's output blocks OUT00.. (kohya), as down_lr_weight.")
+    layer_lr_weights: dict[str, float] | None = Field(
+        None, description="LR multipliers by layer name, for every family (Flux and SD3 included): fnmatch patterns "
+        "over 'lora_unet_' + the diffusers module path with '_' (lora_te1_... for text encoders), e.g. Flux "
+        "{'lora_unet_single_transformer_blocks_*' = 0.5, '*_attn_add_*' = 2.0}; the first "
+        "matching pattern applies, times any block weight and LoRA+ ratio; 0 freezes the layer.")
     train_norm: bool = Field(False, description="LyCORIS train_norm: also train the weight and bias of the norm "
                              "layers (LayerNorm, GroupNorm) in the preset's modules; kohya-layout files (w_norm/b_norm).")
 
@@ -320,8 +326,16 @@ class NetworkConfig(Section):
 
         return check_block_spec(value)
 
+    @field_validator("layer_lr_weights")
+    @classmethod
+    def _layer_weights(cls, value):
+        for pattern, weight in (value or {}).items():
+            if weight < 0 or not math.isfinite(weight):
+                raise ValueError(f"network.layer_lr_weights[{pattern!r}] = {weight}: a multiplier must be >= 0")
+        return value
+
     @field_validator("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
-                     "down_lr_weight", "mid_lr_weight", "up_lr_weight")
+                     "down_lr_weight", "mid_lr_weight", "up_lr_weight", "layer_lr_weights")
     @classmethod
     def _lr_weights_need_a_network(cls, value, info: ValidationInfo):
         if value is None or "type" not in info.data:

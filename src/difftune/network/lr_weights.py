@@ -13,6 +13,14 @@ embedding, conv_out) and the text encoders keep weight 1.
 
 LoRA+ (Hayou et al. 2024; kohya's loraplus_lr_ratio): the B ("lora_up") matrices train at ratio × the
 LR of their A matrices, for the algorithms that have them (lora, locon).
+
+Layer LR weights (network.layer_lr_weights) serve every family, the transformer ones (Flux, SD3)
+included, whose blocks have no IN/MID/OUT numbering: fnmatch patterns over the layer's name as the
+network names it, "lora_unet_" + the diffusers module path with "_" (Flux:
+lora_unet_transformer_blocks_0_attn_add_q_proj for the text stream of a double block,
+lora_unet_single_transformer_blocks_3_proj_mlp; SD3: lora_unet_transformer_blocks_...) and lora_te1_...
+for the text encoders; the first matching pattern gives the multiplier. (Flux files are written with
+BFL's names, double_blocks/single_blocks; the patterns match the diffusers paths.) The multipliers multiply: layer × block × LoRA+.
 """
 
 from __future__ import annotations
@@ -84,10 +92,28 @@ class LrWeights:
         self.mid = network_config.mid_lr_weight
         self.plus = {"denoiser": network_config.loraplus_unet_lr_ratio or network_config.loraplus_lr_ratio,
                      "text": network_config.loraplus_text_encoder_lr_ratio or network_config.loraplus_lr_ratio}
+        self.layers = dict(network_config.layer_lr_weights or {})
+        self.matched: set[str] = set()
 
     @property
     def any(self) -> bool:
-        return any(w is not None for w in (self.down, self.up, self.mid, *self.plus.values()))
+        return bool(self.layers) or any(w is not None for w in (self.down, self.up, self.mid, *self.plus.values()))
+
+    def layer(self, lora_name: str) -> float:
+        """network.layer_lr_weights: the first pattern that matches the layer's name, else 1."""
+        import fnmatch
+
+        for pattern, weight in self.layers.items():
+            if fnmatch.fnmatchcase(lora_name, pattern):
+                self.matched.add(pattern)
+                return weight
+        return 1.0
+
+    def unmatched_notes(self) -> list[str]:
+        """A note per layer_lr_weights pattern no layer matched (a typo would otherwise do nothing)."""
+        return [f"network.layer_lr_weights: {pattern!r} matches no layer of this network (names look like "
+                "lora_unet_ + the diffusers module path with _, e.g. lora_unet_single_transformer_blocks_0_proj_mlp, "
+                "lora_te1_...)" for pattern in self.layers if pattern not in self.matched]
 
     def block(self, lora_name: str, is_denoiser: bool) -> float:
         place = block_of(lora_name) if is_denoiser else None
@@ -102,4 +128,4 @@ class LrWeights:
     def parameter(self, lora_name: str, param_name: str, is_denoiser: bool) -> float:
         ratio = self.plus["denoiser" if is_denoiser else "text"]
         plus = ratio if ratio is not None and "lora_up" in param_name else 1.0
-        return self.block(lora_name, is_denoiser) * plus
+        return self.layer(lora_name) * self.block(lora_name, is_denoiser) * plus

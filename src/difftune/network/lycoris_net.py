@@ -310,6 +310,8 @@ class LoraFamilyNetwork:
             for weight in sorted(by_weight, key=lambda w: (w != 1.0, w)):
                 groups.append({"params": by_weight[weight], "lr": lrs[role] * weight,
                                "name": role if weight == 1.0 else f"{role} x{weight:g}"})
+        if weights is not None:
+            self.notes += weights.unmatched_notes()
         return groups
 
     def lr_weights(self):

@@ -149,3 +149,17 @@ def test_doctor_warns_when_the_decay_never_lets_the_average_move(quick_config):
     assert not ema_warnings(quick_config(ema={"enabled": True, "decay": 0.9999, "warmup": True}), total_steps=100)
     off = ema_warnings(quick_config(ema={"decay": 0.99}), total_steps=100)
     assert off == ["ema.decay set but ema.enabled = false: no EMA is kept"]
+
+
+def test_ema_switched_on_at_a_resume_starts_from_the_resumed_weights(quick_config, tmp_path):
+    config = quick_config(network=LORA, train={"max_steps": 2, "lr": 5e-3}, validation=NO_VALIDATION)
+    train(config, show_progress=False)
+    config.train.max_steps = 3
+    config.ema.enabled, config.ema.decay = True, 0.5
+    trainer = Trainer(config.model_copy(deep=True), resuming=True, show_progress=False)
+    try:
+        assert any("has no EMA (it was off); the average starts from its weights at step 2" in n for n in trainer.notes)
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        assert all(torch.equal(a, p.detach()) for a, p in zip(trainer.ema.shadow, params, strict=True))
+    finally:
+        trainer.close()

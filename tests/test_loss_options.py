@@ -280,3 +280,11 @@ def test_doctor_prints_the_loss_line_and_the_zero_terminal_snr_warning(digits_di
     out = capsys.readouterr().out
     assert "loss                  l1, zero terminal SNR" in out
     assert "zero_terminal_snr with an epsilon-prediction model" in out
+
+
+def test_debiased_estimation_stays_finite_at_zero_terminal_snr():
+    model = load_model(ModelConfig(path="tiny-sd"))  # epsilon: the weight is 1/sqrt(snr), infinite at snr 0
+    objective = model.make_objective(TrainConfig(debiased_estimation=True, zero_terminal_snr=True))
+    last = torch.tensor([objective.num_train_timesteps - 1])
+    assert objective.snr(last).item() == 0.0
+    assert objective.weight(last).item() == pytest.approx(1 / math.sqrt(1e-3), rel=1e-5)

@@ -127,8 +127,9 @@ class DDPMObjective(_ElementLossMixin):
         """Min-SNR-γ (Hang et al. 2023) caps the weight of low-noise timesteps. For v-prediction the
         target already carries a factor of (snr + 1), hence the different denominator. Debiased
         estimation (kohya's debiased_estimation_loss) multiplies in 1/sqrt(snr) (v: 1/(snr + 1)), SNR
-        capped at 1000 where t = 0 makes it near infinite. At a zero-terminal-SNR schedule's last step
-        (snr = 0) Min-SNR's epsilon weight is its limit, 1."""
+        capped at 1000 where t = 0 makes it near infinite, and kept >= 1e-3 where kohya's is infinite:
+        a zero-terminal-SNR schedule's last step has snr = 0 (no stock schedule goes below ~0.004). There
+        Min-SNR's epsilon weight is its limit, 1."""
         weight = None
         v_prediction = self.prediction_type == "v_prediction"
         if self.min_snr_gamma is not None:
@@ -137,7 +138,7 @@ class DDPMObjective(_ElementLossMixin):
             denominator = snr + 1.0 if v_prediction else snr
             weight = torch.where(denominator > 0, clipped / denominator, torch.ones_like(snr))
         if self.debiased_estimation:
-            snr = torch.clamp(self.snr(t).float(), max=1000.0)
+            snr = torch.clamp(self.snr(t).float(), min=1e-3, max=1000.0)
             debias = 1.0 / (snr + 1.0) if v_prediction else 1.0 / torch.sqrt(snr)
             weight = debias if weight is None else weight * debias
         return torch.ones(t.shape, device=t.device) if weight is None else weight

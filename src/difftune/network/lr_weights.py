@@ -87,6 +87,11 @@ class LrWeights:
 
     def __init__(self, network_config, down_blocks: int | None, notes: list[str]):
         count = 3 * down_blocks if down_blocks else 0
+        if not down_blocks and any(v is not None for v in (network_config.down_lr_weight, network_config.up_lr_weight,
+                                                            network_config.mid_lr_weight)):
+            notes.append("network.down_lr_weight / mid_lr_weight / up_lr_weight number a UNet's blocks, and this "
+                         "model's denoiser has none (a transformer): they change nothing; use "
+                         "network.layer_lr_weights with patterns over its layer names")
         self.down = block_weights(network_config.down_lr_weight, count, "network.down_lr_weight", notes)
         self.up = block_weights(network_config.up_lr_weight, count, "network.up_lr_weight", notes)
         self.mid = network_config.mid_lr_weight

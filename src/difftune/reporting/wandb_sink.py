@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 INSTALL_HINT = "pip install 'difftune[wandb]' (or pip install wandb)"
+ID_FILE = "wandb_run_id.txt"
+"""In the run directory: the W&B run id a resume continues (an overwrite deletes it: a new W&B run)."""
 
 
 def wandb_available() -> bool:
@@ -27,7 +29,7 @@ class WandbSink:
     def __init__(self, run_dir: Path, project: str | None, run_name: str | None, config: dict[str, Any]):
         import wandb
 
-        id_file = Path(run_dir) / "wandb_run_id.txt"
+        id_file = Path(run_dir) / ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         if not id_file.is_file():
             id_file.write_text(run_id + "\n")
@@ -37,7 +39,7 @@ class WandbSink:
 
     def log(self, record: dict[str, Any]) -> None:
         step = record["step"]
-        if step <= self.last_step and self.last_step >= 0:
+        if step < self.last_step:
             return  # redone after a resume: W&B has these steps (see the module docstring)
         values = {k: v for k, v in record.items()
                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}

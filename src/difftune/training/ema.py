@@ -8,7 +8,8 @@ with d_s the decay at update step s = step − 1:
 
     d_s = decay                                         warmup = false: a fixed decay from the first step
     d_s = min(decay, 1 − (1 + s / inv_gamma)^−power)    warmup = true: diffusers EMAModel's use_ema_warmup
-                                                        (d_0 = 0: the first update copies the weights)
+                                                        (d_0 = 0: with update_every 1 the first update
+                                                        copies the weights)
 
 The average starts as the weights before training (the base model, or the network's initial
 weights), so with a fixed decay it leaves them at the rate decay^steps; doctor warns when a run

@@ -238,6 +238,7 @@ class Trainer:
                 if self.early_stopping is not None and self.early_stopping.update(state.step, last_val):
                     finishing = True  # ends like a normal run: final samples, final save, summary
                     record["early_stop"] = self.early_stopping.reason
+            saving = saving and not finishing  # an early stop ends with the final save, not two at one step
             if cfg.sample.prompts and _due(cfg.sample, state, epoch_done, finishing):
                 self._sample(checkpoint_name(state.step))
                 eventful = True
@@ -377,12 +378,14 @@ class Trainer:
 
         def export(directory: Path) -> None:
             dtype = SAVE_DTYPES[output.save_precision]
-            with self._weights_for("export"):
+            # "best" was chosen by validation's weights: those are its main files
+            purpose = "validation" if name == "best" else "export"
+            with self._weights_for(purpose):
                 self.network.export(directory, self.model, metadata, dtype)
             if self.ema is not None:  # both weights are written: the other ones in a subfolder
-                other = directory / ("raw" if self._uses_ema("export") else "ema")
+                other = directory / ("raw" if self._uses_ema(purpose) else "ema")
                 other.mkdir()
-                with self._weights_for("export", other=True):
+                with self._weights_for(purpose, other=True):
                     self.network.export(other, self.model, {**metadata, "difftune_weights": other.name}, dtype)
 
         trainable = self.network.state_dict()

@@ -23,11 +23,11 @@ RESOLVED_CONFIG = "config.resolved.toml"
 MAY_CHANGE_ON_RESUME = (
     "train.max_steps", "train.max_epochs", "output.", "sample.", "validation.every_n_steps",
     "validation.every_n_epochs", "data.num_workers", "data.offload_encoders", "train.blocks_to_swap",
-    "data.latent_cache_dir",
+    "data.latent_cache_dir", "ema.",
 )
 """Settings a resumed run may change: its length, what it saves, samples and logs, how often it
 validates, and where frozen weights wait (offloaded encoders, swapped blocks: the numbers are the same,
-tests/test_memory.py). Anything else would make the continued run a different training than the one saved."""
+tests/test_memory.py), and the EMA (it reads the training weights, never changes them). Anything else would make the continued run a different training than the one saved."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ def open_run_dir(config: Config, resuming: bool, command: str = "train") -> tupl
             # before it is deleted: an interrupted overwrite never leaves old saves a later resume would take.
             for path in (run.checkpoints, run.samples, run.plots, run.tensorboard):
                 remove_tree(path)
-            for path in (run.summary, run.metrics):
+            from difftune.reporting.wandb_sink import ID_FILE
+
+            for path in (run.summary, run.root / ID_FILE, run.metrics):  # a new run is a new W&B run too
                 path.unlink(missing_ok=True)
         if resuming and run.config.exists():
             _refuse_changed_training(config, run)

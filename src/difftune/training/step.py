@@ -45,7 +45,8 @@ def per_sample_loss(
     """The element-wise loss (train.loss_type; MSE by default) between the model's prediction and
     its target, averaged to one value per sample (shape (B,)).
 
-    `weighted`: apply the objective's training weight (Min-SNR, ...); validation measures the plain loss.
+    `weighted`: apply the objective's training weight (Min-SNR, ...); validation measures the configured
+    element-wise loss without it.
     `mask`: (B, 1, h, w) weights at latent resolution (latent_mask), or None (every pixel counts).
     `noisy_with`: the noise the input is made with when it is not the target's (input perturbation).
     """

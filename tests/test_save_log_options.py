@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,16 @@ def test_wandb_missing_is_a_config_error_with_the_install_line(quick_config, mon
     monkeypatch.setattr(sink, "wandb_available", lambda: False)
     with pytest.raises(ConfigError, match=r"output.wandb = true needs the wandb package.*difftune\[wandb\]"):
         quick_config(output={"wandb": True})
+
+
+def test_an_overwritten_run_is_a_new_wandb_run(quick_config, monkeypatch):
+    pytest.importorskip("wandb", reason="the test extra installs wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = quick_config(train={"max_steps": 1}, validation=NO_VALIDATION, output={"wandb": True})
+    Trainer(config, show_progress=False).run()
+    root = Path(config.output.dir)
+    first = (root / "wandb_run_id.txt").read_text().strip()
+    config.output.overwrite = True
+    Trainer(config, show_progress=False).run()
+    assert (root / "wandb_run_id.txt").read_text().strip() != first

@@ -55,6 +55,19 @@ def start_weight_left(total_steps: int, decay: float, warmup: bool, update_every
     return math.exp(log_left)
 
 
+@contextlib.contextmanager
+def kept_aside(params: list[torch.Tensor]):
+    """The parameters copied to CPU memory for the duration and put back bit for bit afterwards, whatever
+    the block did to them (the EMA swapped in, a schedule-free optimizer's evaluation weights)."""
+    kept = [p.detach().to("cpu", copy=True) for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, saved in zip(params, kept, strict=True):
+                param.copy_(saved)
+
+
 class EMAWeights:
     def __init__(self, params: list[torch.Tensor], decay: float, update_every: int = 1, warmup: bool = False,
                  inv_gamma: float = 1.0, power: float = 2 / 3, device: str = "auto"):
@@ -63,7 +76,12 @@ class EMAWeights:
         self.inv_gamma, self.power = inv_gamma, power
         self.updates = 0
         """Updates made so far (saved with the trainer state)."""
-        self.shadow = [p.detach().to(self._device(p, device), torch.float32, copy=True) for p in self.params]
+        self.device = device
+        self.restart()
+
+    def restart(self) -> None:
+        """The average set to the current weights (the start, or a resume from a save without one)."""
+        self.shadow = [p.detach().to(self._device(p, self.device), torch.float32, copy=True) for p in self.params]
 
     @staticmethod
     def _device(param: torch.Tensor, device: str) -> torch.device:
@@ -88,16 +106,11 @@ class EMAWeights:
     def applied(self):
         """The average in the trained parameters for the duration, the training weights put back bit
         for bit afterwards (kept in CPU memory meanwhile, not as a second copy on the GPU)."""
-        kept = [p.detach().to("cpu", copy=True) for p in self.params]
-        with torch.no_grad():
-            for param, average in zip(self.params, self.shadow, strict=True):
-                param.copy_(average)
-        try:
-            yield
-        finally:
+        with kept_aside(self.params):
             with torch.no_grad():
-                for param, saved in zip(self.params, kept, strict=True):
-                    param.copy_(saved)
+                for param, average in zip(self.params, self.shadow, strict=True):
+                    param.copy_(average)
+            yield
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{STATE_PREFIX}{i}": average for i, average in enumerate(self.shadow)}

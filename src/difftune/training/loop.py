@@ -435,16 +435,15 @@ class Trainer:
         if not (hasattr(self.optimizer, "eval") and hasattr(self.optimizer, "train")):
             yield
             return
+        from difftune.training.ema import kept_aside
+
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        kept = [p.detach().to("cpu", copy=True) for p in params]  # on the CPU: no second copy in GPU memory
-        self.optimizer.eval()
-        try:
-            yield
-        finally:
-            self.optimizer.train()  # its mode flags; the weights it computes are replaced just below
-            with torch.no_grad():
-                for param, saved in zip(params, kept, strict=True):
-                    param.copy_(saved)
+        with kept_aside(params):  # on the CPU: no second copy in GPU memory
+            self.optimizer.eval()
+            try:
+                yield
+            finally:
+                self.optimizer.train()  # its mode flags; kept_aside then puts the training weights back
 
     # -------------------------------------------------------------------------------------- setup
     def _place_modules(self, roles: list[str]) -> None:
@@ -589,8 +588,7 @@ class Trainer:
         if self.ema is not None and saved_ema:
             self.ema.load_state_dict(saved_ema, self.state.ema_updates)
         elif self.ema is not None:
-            self.ema.shadow = [p.detach().to(a.device, torch.float32, copy=True)
-                               for p, a in zip(self.ema.params, self.ema.shadow, strict=True)]
+            self.ema.restart()
             self.notes.append(f"ema.enabled: {folder.name} has no EMA (it was off); the average starts from its "
                               "weights at step " + str(self.state.step))
         elif saved_ema:

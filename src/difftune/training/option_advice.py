@@ -9,6 +9,7 @@ the user meant.
 from __future__ import annotations
 
 from difftune.config.schema import Config
+from difftune.training.noise import offset_noise_strength
 
 
 def option_warnings(config: Config, prediction_type: str | None, total_steps: int | None = None) -> list[str]:
@@ -31,7 +32,7 @@ def option_warnings(config: Config, prediction_type: str | None, total_steps: in
         warnings.append("train.huber_scale multiplies the constant and exponential Huber thresholds; the snr "
                         "schedule does not read it (as in kohya)")
     pairs = [("noise_offset_random_strength", train.noise_offset_random_strength,
-              train.noise_offset or train.zero_frequency_noise_ratio, "train.noise_offset"),
+              offset_noise_strength(train), "train.noise_offset"),
              ("input_perturbation_random_strength", train.input_perturbation_random_strength,
               train.input_perturbation, "train.input_perturbation"),
              ("multires_noise_discount", "multires_noise_discount" in chosen, train.multires_noise_iterations,
@@ -94,8 +95,6 @@ def ema_line(config: Config) -> str | None:
 
 def loss_and_noise_lines(config: Config) -> dict[str, str]:
     """doctor's one-line summaries of the loss and the noise, when they are not the plain defaults."""
-    from difftune.training.noise import offset_noise_strength
-
     train, lines = config.train, {}
     loss = [train.loss_type]
     if train.loss_type in ("huber", "smooth_l1"):

@@ -114,8 +114,7 @@ def batch_loss(model: DiffusionModel, objective: Objective, batch: Batch, genera
         noise = draw_noise(latents, generator, noise_options)
         t = objective.sample_t(latents.shape[0], generator, tuple(latents.shape[-2:])).to(latents.device)
         noisy_with = input_noise(noise, generator, noise_options)
-        loss = per_sample_loss(model, objective, latents, cond, noise, t, mask=mask,
-                               noisy_with=None if noisy_with is noise else noisy_with)
+        loss = per_sample_loss(model, objective, latents, cond, noise, t, mask=mask, noisy_with=noisy_with)
         return loss.mean() if weights is None else (loss * weights.to(loss.device)).mean()
 
 

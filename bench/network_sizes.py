@@ -48,7 +48,8 @@ WORK = ROOT / "work" / "network_sizes"
 # label → network section: every type with difftune's defaults (nothing but the type is set), and DoRA
 # for the types LyCORIS decomposes.
 VARIANTS: dict[str, dict[str, Any]] = {
-    **{t: {"type": t} for t in ("lora", "locon", "loha", "lokr", "dylora", "ia3", "glora", "diag-oft", "boft", "full")},
+    **{t: {"type": t} for t in ("lora", "locon", "loha", "lokr", "dylora", "ia3", "glora", "glokr", "diag-oft",
+                                "boft", "full")},
     **{f"{t}+dora": {"type": t, "dora": True} for t in ("lora", "locon", "loha", "lokr")},
 }
 SCOPES = {"unet": False, "unet+te": True}  # label → train.train_text_encoder

@@ -251,7 +251,7 @@ def test_merge_and_sample_commands(quick_config, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("network", "output", "message"),
     [
-        ({"type": "glokr"}, {}, "GLoKr"),
+        ({"type": "tlora"}, {}, "timestep-masked LoRA needs per-step masks"),
         ({"type": "ia3", "conv_rank": 4}, {}, "network.conv_rank is not used by network.type = 'ia3'"),
         ({"type": "lora", "conv_rank": 4}, {}, "use network.type = 'locon'"),
         ({"type": "boft", "dora": True}, {}, "DoRA .* not available for network.type = 'boft'"),

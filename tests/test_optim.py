@@ -62,7 +62,7 @@ def schedule(lr_scheduler: str, total: int = 100, **train) -> list[float]:
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_every_optimizer_trains_the_tiny_model(name, quick_config):
     spec = get_spec(name)
-    lr = 1.0 if spec.lr_free else usual_lr(name, full_finetune=False)  # the tiny model learns like a LoRA
+    lr = 1.0 if spec.lr_free else usual_lr(name, "network")  # the tiny model learns like a LoRA
     config = quick_config(train={"max_steps": 3, "batch_size": 2, "lr": lr}, validation=NO_VALIDATION,
                           optimizer={"name": name})
     trainer = Trainer(config, show_progress=False)
@@ -399,7 +399,8 @@ def test_schedule_command_writes_png_and_table(digits_dir, tmp_path, capsys):
 
 def test_doctor_advice_gives_reasons(digits_dir, tmp_path, capsys):
     def warnings(*sets, full=True, steps=100):
-        return " | ".join(optimizer_warnings(load_config(None, list(sets)), steps, full_finetune=full))
+        sets = list(sets) + ([] if full or any(s.startswith("network.type") for s in sets) else ["network.type=lora"])
+        return " | ".join(optimizer_warnings(load_config(None, sets), steps))
 
     assert "should stay 1.0" in warnings("optimizer.name=prodigy", "train.lr=0.5")
     assert warnings("optimizer.name=prodigy", "train.lr=1.0") == ""
@@ -408,13 +409,17 @@ def test_doctor_advice_gives_reasons(digits_dir, tmp_path, capsys):
     assert "60% of the 100-step run" in warnings("train.lr_scheduler=linear", "train.lr_warmup_steps=60")
     assert "above the usual range for adamw (full fine-tune: 1e-06 to 1e-05)" in warnings("train.lr=1e-3")
     assert warnings("train.lr=1e-4", full=False) == ""  # a normal LoRA LR
+    # textual-inversion vectors train at ~10x a LoRA's LR (A1111's 5e-3)
+    ti = ("network.type=textual_inversion", "network.token=<a>")
+    assert warnings(*ti, "train.lr=5e-3", full=False) == ""
+    assert "above the usual range for adamw (textual inversion: 0.0005 to 0.005)" in warnings(*ti, "train.lr=0.5")
     assert "below the usual range for lion" in warnings("optimizer.name=lion", "train.lr=1e-9")
     assert "expect a constant LR" in warnings("optimizer.name=adamw_schedulefree", "train.lr=5e-6",
                                                "train.lr_scheduler=cosine")
     assert "train.lr_cycles = 3 has no effect" in warnings("train.lr_cycles=3", "train.lr=2e-6")
     lora = load_config(None, ["train.lr=1e-4"]).model_copy(update={"network": SimpleNamespace(type="lora", rank=8, alpha=32)})
-    assert "alpha / rank = 4 > 1" in " ".join(optimizer_warnings(lora, 100, full_finetune=False))
-    assert default_lr_range("adamw", True) == pytest.approx((1e-7, 1e-4))
+    assert "alpha / rank = 4 > 1" in " ".join(optimizer_warnings(lora, 100))
+    assert default_lr_range("adamw", "full") == pytest.approx((1e-7, 1e-4))
     # doctor prints the effective LR (after scale_lr) and the schedule.
     path = tmp_path / "c.toml"
     path.write_text(tomli_w.dumps(quick_config_dict(digits_dir, tmp_path / "run", train={

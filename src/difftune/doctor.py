@@ -15,6 +15,9 @@ def diagnose(config: Config) -> dict[str, Any]:
 
     report = {"config_ok": True, "plan": plan.to_json(), "warnings": list(plan.warnings)}
     report["warnings"] += check_family_settings(config)  # a setting of the other objective raises here
+    from difftune.network.textual_inversion import token_notes
+
+    report["warnings"] += token_notes(config.network, plan.train_records)  # a token in no caption raises here
     report["warnings"] += advice(config, plan.total_steps)
     from difftune.optim.advice import lr_summary
 
@@ -96,7 +99,7 @@ def advice(config: Config, total_steps: int) -> list[str]:
     """Experience-based warnings from the optimizer/schedule catalogue."""
     from difftune.optim.advice import optimizer_warnings
 
-    return optimizer_warnings(config, total_steps, full_finetune=config.network.type in (None, "none"))
+    return optimizer_warnings(config, total_steps)
 
 
 def bucket_lines(buckets: list[dict[str, Any]]) -> list[str]:

@@ -12,11 +12,15 @@ from difftune.config.schema import ModelConfig, SampleConfig
 
 
 def generate(model_path: str, prompts: list[str], out: str | Path, *, lora: str | None = None, scale: float = 1.0,
+             embeddings: list[str] | None = None,
              seed: int = 0, steps: int = 20, cfg_scale: float | None = None, sampler: str = "euler", negative_prompt: str = "",
              width: int | None = None, height: int | None = None, clip_skip: int = 1,
              model_settings: dict | None = None) -> list[Path]:
     """Render each prompt (seed, seed+1, ...) and save PNGs: `out` for one prompt, `out` with -N suffixes
-    for several, plus a grid `out` when there are several. Returns the written paths."""
+    for several, plus a grid `out` when there are several. Returns the written paths.
+
+    `embeddings`: textual-inversion files (token: the one difftune trained it with, else the file name);
+    a LoRA file with bundled embeddings (pivotal tuning) brings its own."""
     import torch
     from pydantic import ValidationError
 
@@ -33,8 +37,14 @@ def generate(model_path: str, prompts: list[str], out: str | Path, *, lora: str 
     model = load_model(model_config)
     if lora is not None:
         from difftune.network.lycoris_net import load_lora_file
+        from difftune.network.textual_inversion import load_bundled_embeddings
 
         load_lora_file(model, lora, multiplier=scale)
+        load_bundled_embeddings(model, lora)
+    for path in embeddings or []:
+        from difftune.network.textual_inversion import load_embedding_file
+
+        load_embedding_file(model, path)
     resolution = model.native_resolution
     with torch.no_grad():
         images = render_samples(model, sample, resolution)

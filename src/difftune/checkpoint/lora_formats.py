@@ -296,7 +296,25 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
                 tensors[key] = f.get_tensor(key)
     except (SafetensorError, OSError) as e:
         raise LoraFormatError(f"{path}: not a readable .safetensors file ({e}); was it fully downloaded?") from e
+    tensors, _ = split_bundle(tensors)
     return tensors, metadata, detect_layout(tensors, str(path))
+
+
+BUNDLE_PREFIX = "bundle_emb."
+"""Textual-inversion vectors carried in a LoRA file (kohya/A1111: bundle_emb.<name>.string_to_param.* on SD
+1.x/2.x, bundle_emb.<name>.clip_l / .clip_g on SDXL); network/textual_inversion.py reads and writes them."""
+
+
+def split_bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the network's tensors, the bundled embeddings' tensors) of a LoRA file."""
+    bundle = {k: v for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX)}
+    return ({k: v for k, v in tensors.items() if k not in bundle} if bundle else tensors), bundle
+
+
+def read_bundle(path: str | Path) -> dict[str, torch.Tensor]:
+    """The bundle_emb tensors of a LoRA file (empty when it has none)."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(BUNDLE_PREFIX)}
 
 
 def read_as_kohya(path: str | Path, table: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -375,7 +393,8 @@ def lora_metadata(*, network: dict, run: dict[str, str], family_keys: dict[str, 
     train_config = train_config or {}
     resolution = run.get("resolution", "")
     meta = {
-        "ss_network_module": family_keys.get("ss_network_module", "networks.lora") if plain_lora else "lycoris.kohya",
+        "ss_network_module": (family_keys.get("ss_network_module", "networks.lora") if plain_lora
+                              else "difftune.network.glokr" if algo == "glokr" else "lycoris.kohya"),  # glokr: ours
         "ss_network_dim": str(network.get("rank") or network.get("block_size") or "None"),
         "ss_network_alpha": str(network.get("alpha") or "None"),
         "ss_network_args": json.dumps(args),
@@ -403,7 +422,5 @@ def lora_metadata(*, network: dict, run: dict[str, str], family_keys: dict[str, 
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "difftune_network": json.dumps(network, sort_keys=True),
     }
-    meta.update({f"difftune_{k}": v for k, v in run.items() if not k.startswith("difftune_")})
-    if "difftune_version" in run:
-        meta["difftune_version"] = run["difftune_version"]
+    meta.update({(k if k.startswith("difftune_") else f"difftune_{k}"): v for k, v in run.items()})
     return {k: v for k, v in meta.items() if v != ""}

@@ -378,6 +378,9 @@ def _add_lora_commands(sub) -> None:
     p.add_argument("--prompt", dest="prompts", action="append", required=True, metavar="TEXT",
                    help="prompt to render (required; repeatable, one image each)")
     p.add_argument("--lora", default=None, metavar="FILE", help="LoRA-family .safetensors to apply (default: none)")
+    p.add_argument("--embedding", dest="embeddings", action="append", default=[], metavar="FILE",
+                   help="textual-inversion embedding .safetensors (repeatable; default: none); write its token in "
+                        "the prompt: the token difftune trained it with, else the file name")
     p.add_argument("--set", dest="model_settings", action="append", default=[], metavar="model.KEY=VALUE",
                    help="a model setting, as in a config's [model] (repeatable), e.g. for a Flux transformer file: "
                    "--set model.text_encoder_path=clip_l.safetensors --set model.text_encoder_2_path=t5xxl.safetensors "
@@ -538,7 +541,13 @@ def cmd_convert(args) -> int:
 
     done = convert_file(args.input, args.output, args.to, args.model)
     print(f"{args.input} ({done['from']}) -> {done['target']} ({done['to']}, {done['tensors']} tensors)")
+    _say_embeddings(done, "the diffusers LoRA layout cannot hold them")
     return 0
+
+
+def _say_embeddings(done: dict, why: str) -> None:
+    for path in done.get("embeddings", []):
+        print(f"the file's bundled embedding -> {path} ({why}; load it as an embedding)")
 
 
 def cmd_merge(args) -> int:
@@ -547,13 +556,15 @@ def cmd_merge(args) -> int:
     done = merge_into_model(args.base, args.lora, args.scale, args.output, args.precision,
                             model_settings=model_settings(args.model_settings))
     print(f"merged {done['layers']} layers of {args.lora} at scale {done['scale']:g} into {args.base} -> {done['target']}")
+    _say_embeddings(done, "a checkpoint has no place for new words")
     return 0
 
 
 def cmd_sample(args) -> int:
     from difftune.generate import generate
 
-    written = generate(args.model, args.prompts, args.out, lora=args.lora, scale=args.scale, seed=args.seed,
+    written = generate(args.model, args.prompts, args.out, lora=args.lora, scale=args.scale,
+                       embeddings=args.embeddings, seed=args.seed,
                        steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
                        negative_prompt=args.negative_prompt, width=args.width, height=args.height,
                        clip_skip=args.clip_skip, model_settings=model_settings(args.model_settings))

@@ -18,7 +18,7 @@ DROPOUT_KEYS = ("rank_dropout", "module_dropout")
 @dataclass(frozen=True)
 class Algorithm:
     lycoris: str
-    """LyCORIS `algo` name."""
+    """LyCORIS `algo` name ('glokr': difftune's own module, which network/glokr.py registers with LyCORIS)."""
     keys: frozenset[str]
     """`network.*` settings this algorithm uses."""
     default_preset: str
@@ -44,8 +44,12 @@ ALGORITHMS: dict[str, Algorithm] = {
                       summary="Kronecker product update"),
     "dylora": Algorithm("dylora", _keys(RANK_KEYS, CONV_KEYS, DROPOUT_KEYS, "block_size"), "full", lora_layout=True,
                         summary="LoRA trained for every rank up to `rank` at once (exports a plain LoRA)"),
-    "glora": Algorithm("glora", _keys(RANK_KEYS, CONV_KEYS, "dropout", DROPOUT_KEYS), "full",
+    # LyCORIS 4.1.3's GLoRA forward (weight rebuild) applies module_dropout only: dropout and rank_dropout are refused
+    "glora": Algorithm("glora", _keys(RANK_KEYS, CONV_KEYS, "module_dropout"), "full",
                        summary="generalised LoRA (weight, bias and prompt-like terms)"),
+    "glokr": Algorithm("glokr", _keys(RANK_KEYS, CONV_KEYS, "dropout", DROPOUT_KEYS, "factor"), "full",
+                       summary="GLoRA's W + W·A + B with A and B Kronecker products, as LoKr's "
+                       "(difftune's own module: merge it with `difftune merge` for UIs)"),
     "ia3": Algorithm("ia3", _keys(DROPOUT_KEYS), "ia3", summary="learned per-channel scaling of keys, values and FF"),
     "diag-oft": Algorithm("diag-oft", _keys("dropout", DROPOUT_KEYS, "block_size", "constraint", "rescaled"), "full",
                           summary="orthogonal fine-tuning with block-diagonal rotations"),
@@ -55,10 +59,17 @@ ALGORITHMS: dict[str, Algorithm] = {
                       summary="LyCORIS native fine-tuning: trains the targeted weights themselves, exports their difference"),
 }
 
+# Not a LyCORIS algorithm: new token vectors for the text encoders (network/textual_inversion.py).
+TEXTUAL_INVERSION = "textual_inversion"
+TI_ALIASES = {"textual-inversion": TEXTUAL_INVERSION, "ti": TEXTUAL_INVERSION, "embedding": TEXTUAL_INVERSION}
+TI_KEYS = ("token", "init_word", "num_vectors")
+"""`network.*` settings of the textual-inversion vectors: with type = 'textual_inversion', or with
+`pivotal = true` beside a LoRA-family algorithm."""
+EMBEDDING_ROLE = "embedding"
+"""The LR group (and trained role) of the textual-inversion vectors."""
+
 # Asked for by users, but not in the LyCORIS release difftune builds on.
 UNSUPPORTED = {
-    "glokr": "LyCORIS 4.1.3 (the library difftune uses for the LoRA family) has no GLoKr module; "
-    "use 'lokr' (Kronecker) or 'glora' (generalised LoRA)",
     "tlora": "timestep-masked LoRA needs per-step masks the trainer does not set; use 'lora'",
 }
 
@@ -80,7 +91,7 @@ FULL_FINETUNE_TYPES = (None, "none")
 
 
 def valid_types() -> str:
-    return ", ".join(list(ALGORITHMS)) + " (or leave unset / 'none' for a full fine-tune)"
+    return ", ".join([*ALGORITHMS, TEXTUAL_INVERSION]) + " (or leave unset / 'none' for a full fine-tune)"
 
 
 def types_using(key: str) -> list[str]:
@@ -94,6 +105,9 @@ def check_type(value: str | None) -> str | None:
     name = value.strip().lower()
     if name in ("none", ""):
         return "none"
+    name = TI_ALIASES.get(name, name)
+    if name == TEXTUAL_INVERSION:
+        return name
     if name in UNSUPPORTED:
         raise ValueError(f"'{name}' is not supported: {UNSUPPORTED[name]}")
     if name not in ALGORITHMS:
@@ -107,6 +121,12 @@ def check_key(key: str, value, network_type: str | None) -> None:
         raise ValueError(
             f"network.{key} has no effect on a full fine-tune (network.type is not set); "
             f"set network.type to one of: {', '.join(types_using(key)) or ', '.join(ALGORITHMS)}"
+        )
+    if network_type == TEXTUAL_INVERSION:
+        raise ValueError(
+            f"network.{key} is not used by network.type = 'textual_inversion', which trains token vectors only "
+            f"(network.token, init_word, num_vectors); to train a {', '.join(types_using(key)[:2])} network with the "
+            "vectors, set network.type to it and network.pivotal = true"
         )
     if network_type not in ALGORITHMS:
         return  # the type itself is reported
@@ -129,6 +149,9 @@ def resolved_preset(network_type: str, preset: str | None) -> str:
 def check_preset(preset: str | None, network_type: str | None) -> None:
     if preset is None:
         return
+    if network_type == TEXTUAL_INVERSION:
+        raise ValueError("network.preset selects layers of a LoRA-family network; textual inversion trains token "
+                         "vectors only (network.pivotal = true with a LoRA type trains both)")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset; valid: {', '.join(PRESETS)}")
     if network_type in FULL_FINETUNE_TYPES:
@@ -149,7 +172,7 @@ def check_conv(network_type: str | None, preset: str | None) -> None:
 
 
 def check_dora(network_type: str | None, dropout: float) -> None:
-    if network_type in FULL_FINETUNE_TYPES:
+    if network_type in FULL_FINETUNE_TYPES or network_type == TEXTUAL_INVERSION:
         raise ValueError("network.dora needs a network.type: one of " + ", ".join(n for n, a in ALGORITHMS.items() if a.dora))
     if network_type in ALGORITHMS and not ALGORITHMS[network_type].dora:
         raise ValueError(
@@ -163,7 +186,7 @@ def check_dora(network_type: str | None, dropout: float) -> None:
 def check_lora_format(lora_format: str, network_type: str | None, dora: bool) -> str | None:
     """The diffusers/PEFT layout holds plain low-rank pairs only; returns a problem or None."""
     if lora_format == "kohya" or network_type in FULL_FINETUNE_TYPES or network_type not in ALGORITHMS:
-        return None
+        return None  # textual inversion writes embedding files, whatever the LoRA format
     algo = ALGORITHMS[network_type]
     if not algo.lora_layout:
         layout_types = ", ".join(n for n, a in ALGORITHMS.items() if a.lora_layout)
@@ -177,4 +200,28 @@ def check_lora_format(lora_format: str, network_type: str | None, dora: bool) ->
             f"output.lora_format = '{lora_format}': diffusers' Stable Diffusion LoRA loader drops DoRA's "
             "dora_scale, so the file would not reproduce the trained network; use output.lora_format = 'kohya'"
         )
+    return None
+
+
+def check_textual_inversion(network) -> str | None:
+    """The token settings (TI_KEYS) and `pivotal` against the type; returns a problem or None."""
+    is_ti = network.type == TEXTUAL_INVERSION
+    defaults = {k: type(network).model_fields[k].default for k in TI_KEYS}  # a resolved config writes them out
+    given = [k for k in TI_KEYS if getattr(network, k) != defaults[k]]
+    if network.pivotal and network.type in FULL_FINETUNE_TYPES:
+        return ("network.pivotal = true trains textual-inversion vectors together with a LoRA-family network; set "
+                f"network.type to one of {', '.join(ALGORITHMS)} (or 'textual_inversion' for the vectors alone)")
+    if network.pivotal and is_ti:
+        return ("network.pivotal = true adds a LoRA-family network to the vectors: set network.type to that "
+                "algorithm (e.g. 'lora'); 'textual_inversion' alone trains the vectors only")
+    if not (is_ti or network.pivotal):
+        if given:
+            return (f"network.{given[0]} is a textual-inversion setting: set network.type = 'textual_inversion', or "
+                    "network.pivotal = true with a LoRA-family type")
+        return None
+    if not network.token:
+        return ("network.token is needed: the new word textual inversion learns (e.g. '<sks>'); write it in the "
+                "captions where the concept appears")
+    if not network.init_word.strip():
+        return "network.init_word is empty: give a word the vectors start from (e.g. 'person', 'style'; default '*')"
     return None

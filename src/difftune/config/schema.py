@@ -243,8 +243,9 @@ class NetworkConfig(Section):
 
     type: str | None = Field(
         None,
-        description="LoRA-family network to train: lora, locon, loha, lokr, dylora, ia3, glora, diag-oft, boft, "
-        "full (LyCORIS native fine-tuning); absent or 'none' means a full fine-tune of the model itself.",
+        description="LoRA-family network to train: lora, locon, loha, lokr, dylora, ia3, glora, glokr, diag-oft, boft, "
+        "full (LyCORIS native fine-tuning); textual_inversion (new token vectors only); absent or 'none' means a "
+        "full fine-tune of the model itself.",
     )
     preset: str | None = Field(
         None,
@@ -259,7 +260,7 @@ class NetworkConfig(Section):
     rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Drop whole ranks/rows of the update while training.")
     module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Skip a layer's update entirely with this probability while training.")
     dora: bool = Field(False, description="Weight-decomposed update (DoRA) for lora, locon, loha, lokr.")
-    factor: int | None = Field(None, description="LoKr Kronecker factor; -1 (default) picks the most balanced factorisation.")
+    factor: int | None = Field(None, description="LoKr/GLoKr Kronecker factor; -1 (default) picks the most balanced factorisation.")
     block_size: int | None = Field(None, ge=1, description="OFT/BOFT block size, DyLoRA rank step; default 8 (diag-oft), 16 (boft), 4 (dylora).")
     constraint: float | None = Field(None, ge=0.0, description="OFT/BOFT norm constraint (COFT); 0 or unset: unconstrained.")
     rescaled: bool = Field(False, description="OFT/BOFT: learn a per-channel rescale too.")
@@ -283,11 +284,30 @@ class NetworkConfig(Section):
         "matching pattern applies, times any block weight and LoRA+ ratio; 0 freezes the layer.")
     train_norm: bool = Field(False, description="LyCORIS train_norm: also train the weight and bias of the norm "
                              "layers (LayerNorm, GroupNorm) in the preset's modules; kohya-layout files (w_norm/b_norm).")
+    pivotal: bool = Field(False, description="Pivotal tuning: train textual-inversion vectors (network.token, "
+                          "init_word, num_vectors) together with this LoRA-family network; the LoRA file carries them "
+                          "as kohya's bundle_emb keys, and an embedding file is written next to it.")
+    token: str | None = Field(None, description="Textual inversion: the new word it learns, as the captions write it "
+                              "(e.g. '<sks>'); it must not be a word of the tokenizer already.")
+    init_word: str = Field("*", description="Textual inversion: word(s) whose embeddings the vectors start from "
+                           "(vector i starts from token i x tokens / num_vectors, as A1111); default '*' as A1111.")
+    num_vectors: int = Field(1, ge=1, le=64, description="Textual inversion: vectors per token (A1111's 'number of "
+                             "vectors per token'); token_1 ... token_{n-1} are added as diffusers does.")
 
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str | None) -> str | None:
         return network_rules.check_type(value)
+
+    @field_validator("token")
+    @classmethod
+    def _one_word(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None and not re.fullmatch(r"[^\s.,]+", value):
+            raise ValueError(f"{value!r}: the token must be one word without spaces, dots or commas (e.g. '<sks>'): "
+                             "captions write it, and A1111 names the bundled embedding by it")
+        return value
 
     @field_validator("preset")
     @classmethod
@@ -341,8 +361,9 @@ class NetworkConfig(Section):
         if value is None or "type" not in info.data:
             return value
         network_type = info.data.get("type")
-        if network_type in network_rules.FULL_FINETUNE_TYPES:
-            raise ValueError("LoRA+ and block LR weights apply to a LoRA-family network; set network.type")
+        if network_type in network_rules.FULL_FINETUNE_TYPES or network_type == network_rules.TEXTUAL_INVERSION:
+            raise ValueError("LoRA+ and block LR weights apply to a LoRA-family network; set network.type to one "
+                             "(textual-inversion vectors have their own LR: train.embedding_lr)")
         from difftune.network.lr_weights import LORA_PLUS_TYPES
 
         if info.field_name.startswith("loraplus") and network_type not in LORA_PLUS_TYPES:
@@ -356,10 +377,13 @@ class NetworkConfig(Section):
         if value is None:
             return value
         if info.data.get("type") in network_rules.FULL_FINETUNE_TYPES:
-            raise ValueError("network.init_from continues a LoRA-family network; set network.type too")
+            raise ValueError("network.init_from continues a LoRA-family network or a textual inversion; set "
+                             "network.type too")
         from pathlib import Path
 
         if not Path(value).expanduser().is_file():
+            if info.data.get("type") == network_rules.TEXTUAL_INVERSION:
+                raise ValueError("file not found (expected an embedding .safetensors: emb_params, clip_l/clip_g)")
             raise ValueError("file not found (expected a LoRA .safetensors in kohya or diffusers layout)")
         return value
 
@@ -371,6 +395,8 @@ class TrainConfig(Section):
     text_encoder_lr: float | None = Field(None, ge=0.0, description="Learning rate of the (first) text encoder; default: lr.")
     text_encoder_2_lr: float | None = Field(None, ge=0.0, description="Learning rate of the second text encoder "
                                             "(SDXL's OpenCLIP bigG); default: text_encoder_lr.")
+    embedding_lr: float | None = Field(None, gt=0.0, description="Learning rate of textual-inversion vectors "
+                                       "(network.type = 'textual_inversion' or network.pivotal); default: lr.")
     lr_scheduler: str = Field("constant", description="Name of the LR schedule (see docs/optimizers.md, `difftune schedule`).")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (LR climbs from 0) at the start of the schedule.")
     lr_warmup_ratio: float | None = Field(None, ge=0.0, le=1.0, description="Warmup as a fraction of the run's steps, instead of lr_warmup_steps.")
@@ -656,6 +682,15 @@ class Config(Section):
             raise ValueError("data.keep_tokens only has an effect with data.shuffle_tags = true")
         if problem := network_rules.check_lora_format(self.output.lora_format, self.network.type, self.network.dora):
             raise ValueError(problem)
+        if problem := network_rules.check_textual_inversion(self.network):
+            raise ValueError(problem)
+        if self.network.type == network_rules.TEXTUAL_INVERSION and self.train.train_text_encoder:
+            raise ValueError("train.train_text_encoder with network.type = 'textual_inversion': it trains the token's "
+                             "vectors only; for a LoRA on the text encoder too, set network.type = 'lora' and "
+                             "network.pivotal = true")
+        if self.network.train_norm and self.network.type == network_rules.TEXTUAL_INVERSION:
+            raise ValueError("network.train_norm trains norm layers of a LoRA-family network; textual inversion "
+                             "trains token vectors only (network.pivotal = true with a LoRA type trains both)")
         if self.network.train_norm and self.network.type in (None, "none"):
             raise ValueError("network.train_norm applies to a LoRA-family network (a full fine-tune trains the norm "
                              "layers already); set network.type")

@@ -48,6 +48,8 @@ class DiffusionModel(Protocol):
     """Guidance of samples when sample.cfg_scale is unset (Flux.1-dev: its distilled 3.5)."""
     # Optional: `kohya_file_name(role, module_path) -> str | None` when the family's kohya files name
     # layers otherwise than LyCORIS does (SDXL: SGM UNet paths); see checkpoint/lora_formats.file_name.
+    # Optional, for textual inversion (network/textual_inversion.py): `embedding_keys` (role → the key of
+    # its vectors in embedding files, from the registry line) and `tokenizers` (role → CLIP tokenizer).
 
     @property
     def device(self) -> torch.device: ...

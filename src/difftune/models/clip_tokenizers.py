@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -75,3 +76,26 @@ def openai_clip_tokenizer(max_length: int = 77, pad_token: str = EOS) -> CLIPTok
         model_max_length=max_length,
         pad_token=pad_token,
     )
+
+
+def expand_multi_vector_tokens(tokenizer, captions: list[str]) -> list[str]:
+    """Captions with each multi-vector textual-inversion token written out as all its tokens: "<sks>"
+    becomes "<sks> <sks>_1 <sks>_2" when the tokenizer has those added tokens (diffusers' convention, which
+    its pipelines apply to prompts the same way), so training, validation and samples read one text."""
+    added = getattr(tokenizer, "added_tokens_encoder", None) or {}
+    groups = {}
+    for token in added:
+        if f"{token}_1" in added:
+            names, i = [token], 1
+            while f"{token}_{i}" in added:
+                names.append(f"{token}_{i}")
+                i += 1
+            groups[token] = " ".join(names)
+    if not groups:
+        return captions
+    out = []
+    for caption in captions:
+        for token, expanded in groups.items():
+            caption = re.sub(re.escape(token) + r"(?!_\d)", lambda _m, e=expanded: e, caption)
+        out.append(caption)
+    return out

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from difftune.models.clip_tokenizers import expand_multi_vector_tokens
 from difftune.models.objectives import DDPMObjective
 from difftune.models.vae_latents import VAELatentModel, sample_distribution
 
@@ -60,7 +61,8 @@ class LatentUNetModel(VAELatentModel):
         return objective
 
     def text_token_counts(self, captions: list[str]) -> tuple[list[int], int]:
-        ids = self.tokenizer(captions, truncation=False, padding=False).input_ids
+        ids = self.tokenizer(expand_multi_vector_tokens(self.tokenizer, captions), truncation=False,
+                             padding=False).input_ids
         return [len(i) for i in ids], self.tokenizer.model_max_length
 
     @property

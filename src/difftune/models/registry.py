@@ -44,6 +44,9 @@ class Family:
     """Text encoders difftune never trains (T5-XXL): `train_text_encoder = true` leaves them out."""
     lora_marks: tuple[str, ...] = ()
     """Key fragments that only this family's LoRA files have (to pick layer names for `difftune convert`)."""
+    embedding_keys: dict[str, str] = field(default_factory=dict)
+    """Role → the key of its vectors in textual-inversion embedding files (A1111/ComfyUI); empty: the family
+    has no textual inversion."""
 
     def api(self, name: str) -> Callable[..., Any]:
         module = import_module(self.module)
@@ -66,6 +69,7 @@ register(Family(
     pipelines=frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}),
     kohya_prefixes={"denoiser": "lora_unet", "text_encoder": "lora_te"},
     diffusers_prefixes={"denoiser": "unet", "text_encoder": "text_encoder"},
+    embedding_keys={"text_encoder": "emb_params"},
 ))
 register(Family(
     name="sdxl", variants=("sdxl", "sdxl-v"), builtins=("tiny-sdxl",), module="difftune.models.sdxl",
@@ -74,6 +78,7 @@ register(Family(
     text_encoders=("text_encoder", "text_encoder_2"),
     kohya_prefixes={"denoiser": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
     diffusers_prefixes={"denoiser": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"},
+    embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
     # two text encoders, SGM UNet names, or attention blocks deeper than one transformer block
     lora_marks=("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
                 "lora_unet_middle_block_", "transformer_blocks_1_", "transformer_blocks.1."),
@@ -236,13 +241,14 @@ def describe_unknown_file(keys: list[str]) -> str:
 def trained_roles(config) -> list[str]:
     """Roles a config trains (a Config): the denoiser and the text encoders train.train_text_encoder
     selects among those the model's family has (read from the registry, no model loaded)."""
-    from difftune.optim.scaling import roles_to_train
+    from difftune.optim.scaling import roles_to_train, with_embedding_role
 
     try:
         family = family_for(config.model)
-    except ModelLoadError:
-        return roles_to_train(config.train, ("text_encoder",), known=False)  # doctor reports the model problem itself
-    return roles_to_train(config.train, family.text_encoders, family.frozen_text_encoders)
+    except ModelLoadError:  # doctor reports the model problem itself
+        return with_embedding_role(config.network, roles_to_train(config.train, ("text_encoder",), known=False))
+    return with_embedding_role(config.network,
+                               roles_to_train(config.train, family.text_encoders, family.frozen_text_encoders))
 
 
 def check_family_settings(config) -> list[str]:

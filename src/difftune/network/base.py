@@ -1,9 +1,10 @@
 """The interface between the trainer and what it trains.
 
 A network decides which parameters train (one LR group per role: "denoiser", "text_encoder",
-"text_encoder_2"), how the trainable weights are saved for resume, and how they are exported for
-users (a diffusers folder or single file for a full fine-tune, a LoRA file for the LoRA family). The
-loop only calls these methods.
+"text_encoder_2", and "embedding" for textual-inversion vectors), how the trainable weights are saved
+for resume, and how they are exported for users (a diffusers folder or single file for a full
+fine-tune, a LoRA file for the LoRA family, an embedding file for textual inversion). The loop only
+calls these methods.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from difftune.config.network_rules import TEXTUAL_INVERSION
 from difftune.config.schema import Config
 from difftune.models.base import DiffusionModel
 
@@ -53,11 +55,20 @@ def roles_to_train(model: DiffusionModel, config: Config) -> list[str]:
 
 
 def build_network(model: DiffusionModel, config: Config) -> TrainableNetwork:
-    """Full fine-tune when `network.type` is absent; LoRA family otherwise."""
+    """Full fine-tune when `network.type` is absent; textual inversion; the LoRA family, with
+    textual-inversion vectors beside it when network.pivotal."""
     if config.network.type in (None, "none"):
         from difftune.network.full import FullFineTune
 
         return FullFineTune(model, roles_to_train(model, config), export_format=config.output.checkpoint_format)
+    if config.network.type == TEXTUAL_INVERSION:
+        from difftune.network.textual_inversion import TextualInversion
+
+        return TextualInversion.for_training(model, config)
+    if config.network.pivotal:
+        from difftune.network.pivotal import PivotalNetwork
+
+        return PivotalNetwork.for_training(model, config)
     from difftune.network.lycoris_net import LoraFamilyNetwork
 
     return LoraFamilyNetwork.for_training(model, config)

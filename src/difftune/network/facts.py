@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from difftune.config.network_rules import EMBEDDING_ROLE, TEXTUAL_INVERSION
 from difftune.config.schema import Config
 from difftune.network.base import roles_to_train
 from difftune.network.lycoris_net import LoraFamilyNetwork, NetworkSettings
@@ -23,6 +24,8 @@ def network_facts(config: Config, architecture=None) -> dict[str, Any] | None:
     architecture = architecture or weightless_model(config.model)
     if architecture is None:
         return None
+    if config.network.type == TEXTUAL_INVERSION:
+        return embedding_facts(config, architecture)
     settings = NetworkSettings.from_config(config.network)
     reads_weights = settings.dora or settings.type == "full"
     probe = settings.replace(type="locon", dora=False, rank=settings.rank or 1,
@@ -35,13 +38,38 @@ def network_facts(config: Config, architecture=None) -> dict[str, Any] | None:
     if reads_weights:
         shapes, trainable = _weight_reading_shapes(network, settings, shapes, trainable)
     network.settings = settings  # the file metadata describes what is configured, not the probe
-    return {
+    facts = {
         "type": settings.type,
         "preset": settings.preset,
         "trains": network.trained_roles(),
         "layers": len(network.loras),
         "trainable_parameters": trainable,
         "file_bytes": network.file_bytes(shapes),
+    }
+    if config.network.pivotal:
+        vectors = embedding_facts(config, architecture)
+        facts.update(type=f"{settings.type} + textual_inversion", trains=facts["trains"] + vectors["trains"],
+                     trainable_parameters=trainable + vectors["trainable_parameters"],
+                     file_bytes=facts["file_bytes"] + vectors["vector_bytes"], embedding_file_bytes=vectors["file_bytes"])
+    return facts
+
+
+def embedding_facts(config: Config, architecture) -> dict[str, Any]:
+    """Textual inversion's vectors: num_vectors per text encoder of the family's embedding files."""
+    from difftune.checkpoint.lora_formats import safetensors_size
+    from difftune.network.lycoris_net import _save_dtype
+    from difftune.network.textual_inversion import check_family
+
+    check_family(architecture)
+    n = config.network.num_vectors
+    widths = {key: architecture.parts[role].get_input_embeddings().weight.shape[1]
+              for role, key in architecture.embedding_keys.items()}
+    dtype = _save_dtype(config)
+    return {
+        "type": TEXTUAL_INVERSION, "preset": None, "trains": [EMBEDDING_ROLE], "layers": 0,
+        "encoders": list(architecture.embedding_keys), "trainable_parameters": n * sum(widths.values()),
+        "file_bytes": safetensors_size({key: ((n, w), dtype) for key, w in widths.items()}, {}),
+        "vector_bytes": n * sum(widths.values()) * dtype.itemsize,
     }
 
 
@@ -75,6 +103,10 @@ def format_facts(facts: dict[str, Any] | None) -> dict[str, str]:
     """Doctor lines."""
     if facts is None:
         return {"network": "size unknown until the model loads (set model.family for a .ckpt file)"}
+    if facts["type"] == TEXTUAL_INVERSION:
+        return {"network": f"textual inversion for {' + '.join(facts['encoders'])}",
+                "trainable params": f"{facts['trainable_parameters']:,}",
+                "embedding file size": f"{facts['file_bytes'] / 2**10:.1f} KiB"}
     return {
         "network": f"{facts['type']} ({facts['preset']}) on {' + '.join(facts['trains'])}, {facts['layers']} layers",
         "trainable params": f"{facts['trainable_parameters']:,}",

@@ -139,6 +139,8 @@ def lycoris_inputs(model: DiffusionModel, roles: list[str]) -> tuple[Any, torch.
 def _build_lycoris(model: DiffusionModel, roles: list[str], settings: NetworkSettings, multiplier: float):
     from lycoris.kohya import LycorisNetworkKohya
 
+    if settings.type == "glokr":
+        _require_glokr()
     text, denoiser = lycoris_inputs(model, roles)
     with _quiet_lycoris():
         # Presets are class attributes in LyCORIS: set every one of them right before building.
@@ -151,6 +153,17 @@ def _build_lycoris(model: DiffusionModel, roles: list[str], settings: NetworkSet
                 raise ConfigError(_boft_block_size_problem(settings.block_size, hosts, str(e))) from None
             raise
     return net
+
+
+def _require_glokr() -> None:
+    """GLoKr is difftune's own module (network/glokr.py); importing it registers it with LyCORIS's kohya front end."""
+    try:
+        from difftune.network import glokr
+    except ImportError as e:
+        raise ConfigError(f"network.type = 'glokr' is built on LyCORIS's module base, which this lycoris-lora does "
+                          f"not provide: {e}") from e
+    if glokr.REGISTRATION_PROBLEM:
+        raise ConfigError(glokr.REGISTRATION_PROBLEM)
 
 
 def _boft_block_size_problem(block_size: int | None, hosts: list, lycoris_message: str) -> str:
@@ -372,12 +385,16 @@ class LoraFamilyNetwork:
         """export_tensors() in the family's kohya file layout (SDXL: SGM UNet names; Flux: BFL's fused layers)."""
         return formats.file_layout(self.model).to_file(self.export_tensors(dtype))
 
-    def export(self, directory: Path, model: DiffusionModel, metadata: dict[str, str], dtype: torch.dtype) -> None:
+    def export(self, directory: Path, model: DiffusionModel, metadata: dict[str, str], dtype: torch.dtype,
+               bundle: dict[str, torch.Tensor] | None = None) -> None:
+        """The LoRA file(s) of output.lora_format; `bundle`: bundle_emb tensors for the kohya file (pivotal
+        tuning), which the diffusers layout cannot hold."""
         lora_format = self.config.output.lora_format if self.config is not None else "kohya"
         tensors = self.file_tensors(dtype)
         meta = self.file_metadata(metadata)
         if lora_format in ("kohya", "both"):
-            formats.write_lora_file(Path(directory) / f"{meta['ss_output_name']}.safetensors", tensors, meta)
+            formats.write_lora_file(Path(directory) / f"{meta['ss_output_name']}.safetensors",
+                                    {**tensors, **(bundle or {})}, meta)
         if lora_format in ("diffusers", "both"):
             converted = formats.kohya_to_diffusers(tensors, self.name_table())
             diffusers_meta = {"format": "pt", **{k: v for k, v in meta.items() if k.startswith("difftune_")}}
@@ -587,6 +604,13 @@ def load_lora_file(model: DiffusionModel, path: str | Path, multiplier: float = 
 def _foreign(model: DiffusionModel, tensors: dict[str, torch.Tensor], multiplier: float, source: str) -> LoraFamilyNetwork:
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 
+    glokr_key = next((k for k in tensors if formats.split_key(k)[1].startswith("glokr_")), None)
+    if glokr_key is not None:  # LyCORIS does not know these tensors (difftune's own algorithm)
+        raise formats.LoraFormatError(
+            f"{source}: a GLoKr file ({glokr_key}) without difftune's metadata (difftune_network): GLoKr layers are "
+            "rebuilt from the settings difftune writes in the file, which this copy lacks; use the file as "
+            "difftune saved it")
+
     text, denoiser = lycoris_inputs(model, [DENOISER, *model.text_encoder_roles])
     try:
         with _quiet_lycoris():
@@ -594,7 +618,7 @@ def _foreign(model: DiffusionModel, tensors: dict[str, torch.Tensor], multiplier
             # preset, whose default fails on a diffusers UNet ("duplicated lora name"): give it ours.
             LycorisNetworkKohya.apply_preset(model.lora_presets["attn-only"])
             net, _ = create_network_from_weights(multiplier, None, None, text, denoiser, weights_sd=tensors)
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as e:  # keys no LyCORIS module knows
         raise formats.LoraFormatError(f"{source}: LyCORIS could not rebuild this network: {e}") from e
     net.loras = net.text_encoder_loras + net.unet_loras
     loaded = {m.lora_name for m in net.loras}

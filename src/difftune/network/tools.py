@@ -27,14 +27,33 @@ def convert_file(source: str | Path, target: str | Path, to: str, model_path: st
     metadata.pop("sshs_model_hash", None)  # describes the old bytes
     table = _table(model_path, tensors)
     kohya = formats.normalise_kohya_keys(tensors) if layout == "kohya" else formats.diffusers_to_kohya(tensors, table)
+    bundle = formats.read_bundle(source)
     if to == "diffusers":
         out = formats.kohya_to_diffusers(kohya, table)
         meta = {**metadata, "format": "pt"}
     else:
-        out = kohya
-        meta = {**metadata, **_kohya_rank_metadata(out)}
+        out = {**kohya, **bundle}
+        meta = {**metadata, **_kohya_rank_metadata(kohya)}
     formats.write_lora_file(Path(target), out, meta, add_hash=to == "kohya")
-    return {"from": layout, "to": to, "tensors": len(out), "target": str(target)}
+    done = {"from": layout, "to": to, "tensors": len(out), "target": str(target)}
+    if bundle and to == "diffusers":  # diffusers' LoRA layout has no place for them
+        done["embeddings"] = write_bundled_embeddings(bundle, Path(target).parent)
+    return done
+
+
+def write_bundled_embeddings(bundle: dict[str, torch.Tensor], folder: Path) -> list[str]:
+    """Each bundled embedding of a LoRA file as its own embedding file (<name>.safetensors) in `folder`."""
+    from difftune.network.textual_inversion import bundled_names, embedding_entries, embedding_file_name
+
+    written = []
+    for name in bundled_names(bundle):
+        tensors = embedding_entries(bundle, name, "bundle")
+        if list(tensors) == ["*"]:
+            tensors = {"emb_params": tensors["*"]}  # SD 1.x/2.x: A1111's string_to_param.* is emb_params in files
+        path = folder / embedding_file_name(name)
+        formats.write_lora_file(path, tensors, {"modelspec.title": name}, add_hash=False)
+        written.append(str(path))
+    return written
 
 
 def _table(model_path: str | None, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -72,6 +91,7 @@ def merge_into_model(base: str, lora: str | Path, scale: float, target: str | Pa
     network = load_lora_file(model, lora, multiplier=scale, attach=False)
     network.merge(scale)
     target = Path(target)
+    bundle = formats.read_bundle(lora)
     if target.suffix.lower() == ".safetensors":
         # fp16 for SD/SDXL checkpoints; bf16 for the flow transformers, as BFL's and StabilityAI's files are
         dtype = PRECISIONS[precision or ("bf16" if model.prediction_type == "flow" else "fp16")]
@@ -85,4 +105,7 @@ def merge_into_model(base: str, lora: str | Path, scale: float, target: str | Pa
 
         with atomic_directory(target) as tmp:  # never a half-written model folder; usual file permissions
             model.save_pretrained(tmp, dtype=PRECISIONS[precision or "fp32"])
-    return {"layers": len(network.loras), "scale": scale, "target": str(target)}
+    done = {"layers": len(network.loras), "scale": scale, "target": str(target)}
+    if bundle:  # a checkpoint has no place for new words: they stay embedding files, used with the merged model
+        done["embeddings"] = write_bundled_embeddings(bundle, target.parent)
+    return done

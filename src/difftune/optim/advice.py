@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from difftune.optim.optimizers import canonical_name, default_lr_range, get_spec, lr_ignored, lr_ratio_outside
+from difftune.optim.optimizers import (
+    canonical_name,
+    default_lr_range,
+    get_spec,
+    lr_ignored,
+    lr_kind,
+    lr_ratio_outside,
+)
 from difftune.optim.scaling import effective_lrs, lr_scale_factor
 from difftune.optim.schedules import SCHEDULES, resolve_warmup
 
@@ -58,7 +65,7 @@ def lr_summary(config: Config, total_steps: int) -> dict[str, str]:
     return lines
 
 
-def optimizer_warnings(config: Config, total_steps: int, full_finetune: bool) -> list[str]:
+def optimizer_warnings(config: Config, total_steps: int) -> list[str]:
     """Advice from experience; each warning says why."""
     train, opt = config.train, config.optimizer
     name = canonical_name(opt.name)
@@ -119,8 +126,9 @@ def optimizer_warnings(config: Config, total_steps: int, full_finetune: bool) ->
             f"{alpha / rank:.3g} > 1, which amplifies the effective LR; alpha is usually rank or rank / 2"
         )
     if not adaptive_adafactor and not spec.lr_free:
-        low, high = default_lr_range(name, full_finetune)
-        kind = "full fine-tune" if full_finetune else "LoRA"
+        lr_is_for = lr_kind(config.network)
+        low, high = default_lr_range(name, lr_is_for)
+        kind = {"full": "full fine-tune", "network": "LoRA", "embedding": "textual inversion"}[lr_is_for]
         ratio = lr_ratio_outside(unet_lr, low, high)
         if ratio > 1.0:
             side = "below" if unet_lr < low else "above"

@@ -377,25 +377,44 @@ def dry_build_problem(spec: OptimizerSpec, kwargs: Mapping[str, Any], lr: float)
 
 
 # ------------------------------------------------------------------------------------------ LR ranges
-def usual_lr_range(optimizer_name: str, full_finetune: bool) -> tuple[float, float]:
-    """The LR range people usually train with for this optimizer and training type."""
+LR_KINDS = ("full", "network", "embedding")
+EMBEDDING_LR_FACTOR = 10.0
+"""Textual-inversion vectors train at about 10x a LoRA's LR (A1111's default 5e-3, diffusers' script 5e-4 x its
+batch, for AdamW): a few vectors, each the whole signal of its word."""
+
+
+def lr_kind(network) -> str:
+    """What trains, for the usual LRs: "full" weights (a full fine-tune, LyCORIS native fine-tuning), a
+    "network" (the LoRA family, pivotal tuning's LoRA included), or only textual-inversion "embedding" vectors."""
+    from difftune.config.network_rules import TEXTUAL_INVERSION
+
+    if network.type == TEXTUAL_INVERSION:
+        return "embedding"
+    return "full" if network.type in (None, "none", "full") else "network"
+
+
+def usual_lr_range(optimizer_name: str, kind: str) -> tuple[float, float]:
+    """The LR range people usually train with for this optimizer and what trains (lr_kind)."""
     r = LR_RANGES[get_spec(optimizer_name).family]
-    return (r[0], r[1]) if full_finetune else (r[3], r[4])
+    if kind == "full":
+        return r[0], r[1]
+    factor = EMBEDDING_LR_FACTOR if kind == "embedding" else 1.0
+    return r[3] * factor, r[4] * factor
 
 
-def default_lr_range(optimizer_name: str, full_finetune: bool) -> tuple[float, float]:
+def default_lr_range(optimizer_name: str, kind: str) -> tuple[float, float]:
     """Search interval for an LR range test: the usual range widened 10x each way.
 
     doctor warns when train.lr falls outside this same interval.
     """
-    low, high = usual_lr_range(optimizer_name, full_finetune)
+    low, high = usual_lr_range(optimizer_name, kind)
     return low / 10, high * 10
 
 
-def usual_lr(optimizer_name: str, full_finetune: bool) -> float:
-    """A typical LR for the optimizer and training type (the start point people use)."""
+def usual_lr(optimizer_name: str, kind: str) -> float:
+    """A typical LR for the optimizer and what trains (the start point people use)."""
     r = LR_RANGES[get_spec(optimizer_name).family]
-    return r[2] if full_finetune else r[5]
+    return r[2] if kind == "full" else r[5] * (EMBEDDING_LR_FACTOR if kind == "embedding" else 1.0)
 
 
 def lr_ratio_outside(lr: float, low: float, high: float) -> float:

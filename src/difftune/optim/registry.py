@@ -85,17 +85,18 @@ def _group_lr_problems(spec: OptimizerSpec, config: Config) -> list[str]:
     the first group's lr for every group and prodigyopt stops with an error mid-run. So unequal group
     LRs are refused here rather than adjusted behind the user's back."""
     train = config.train
-    if not (spec.equal_group_lr and train.train_unet and train.train_text_encoder):
+    pivotal = config.network.pivotal and train.embedding_lr not in (None, train.lr)
+    if not (spec.equal_group_lr and ((train.train_unet and train.train_text_encoder) or pivotal)):
         return []
     problems = []
-    for key in ("text_encoder_lr", "text_encoder_2_lr"):
+    for key in ("text_encoder_lr", "text_encoder_2_lr", "embedding_lr"):
         te = getattr(train, key)
         if te is None or te == train.lr or te == 0.0:
             continue
         problems.append(
             f"train.{key} = {te!r}: {spec.name} adapts one step size for all parameter groups and needs "
             f"the same lr in each (train.lr = {train.lr!r}); leave train.{key} unset, set it equal to "
-            "train.lr, or set it to 0 to freeze that text encoder's updates"
+            + ("train.lr" if key == "embedding_lr" else "train.lr, or set it to 0 to freeze that text encoder's updates")
         )
     return problems
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from difftune.config.network_rules import EMBEDDING_ROLE, TEXTUAL_INVERSION
+
 
 def lr_scale_factor(train) -> float:
     """Multiplier applied to lr, text_encoder_lr (and so lr_min) for the effective batch size."""
@@ -26,7 +28,22 @@ def effective_lrs(train) -> dict[str, float]:
     factor = lr_scale_factor(train)
     te = train.text_encoder_lr if train.text_encoder_lr is not None else train.lr
     te2 = train.text_encoder_2_lr if train.text_encoder_2_lr is not None else te
-    return {"denoiser": train.lr * factor, "text_encoder": te * factor, "text_encoder_2": te2 * factor}
+    embedding = train.embedding_lr if train.embedding_lr is not None else train.lr
+    return {"denoiser": train.lr * factor, "text_encoder": te * factor, "text_encoder_2": te2 * factor,
+            EMBEDDING_ROLE: embedding * factor}
+
+
+def with_embedding_role(network, roles: list[str]) -> list[str]:
+    """The roles a run trains: textual inversion alone trains its vectors (the "embedding" role) only;
+    pivotal tuning trains them beside the LoRA's roles."""
+    if network.type == TEXTUAL_INVERSION:
+        return [EMBEDDING_ROLE]
+    return [*roles, EMBEDDING_ROLE] if network.pivotal else list(roles)
+
+
+def trains_text(roles) -> bool:
+    """Whether gradients flow through the text encoders: one trains, or the token vectors feeding them do."""
+    return any(role != "denoiser" for role in roles)
 
 
 def roles_to_train(train, text_encoder_roles, frozen_roles=(), known: bool = True) -> list[str]:

@@ -38,8 +38,10 @@ from difftune.errors import ConfigError, DiskFullError, TrainingDiverged
 from difftune.models import load_model
 from difftune.models.base import VAE
 from difftune.network import build_network
+from difftune.network.textual_inversion import token_notes
 from difftune.optim.advice import describe_lr
 from difftune.optim.registry import build_optimizer, build_scheduler, effective_lrs
+from difftune.optim.scaling import trains_text
 from difftune.reporting.metrics import MetricsLog, read_metrics, truncate_metrics
 from difftune.reporting.plots import plot_run
 from difftune.reporting.progress import Progress
@@ -96,6 +98,7 @@ class Trainer:
         from difftune.models.registry import check_family_settings
 
         self.notes += check_family_settings(config)
+        self.notes += token_notes(config.network, self.plan.train_records)  # before anything loads
         self.model = load_model(config.model)
         self.objective = self.model.make_objective(config.train)
         self.noise_options = NoiseOptions.from_train(config.train)
@@ -114,8 +117,7 @@ class Trainer:
         if config.data.cache_latents != "off":
             self._cache_latents()
         self.encode_ahead = None
-        frozen_text = self.text_cache is None and not any(
-            role in self.network.trained_roles() for role in self.model.text_encoder_roles)
+        frozen_text = self.text_cache is None and not trains_text(self.network.trained_roles())
         if self._encodes_ahead(config, frozen_text):
             from difftune.data.encode_ahead import EncodeAheadBatches
 
@@ -289,7 +291,7 @@ class Trainer:
         """Forward/backward over the micro-batches of one step, clip, step; returns the mean loss.
         Does not advance the position (train_step does)."""
         cfg, accelerator = self.config, self.accelerator
-        text_grad = any(role in self.network.trained_roles() for role in self.model.text_encoder_roles)
+        text_grad = trains_text(self.network.trained_roles())
         losses = []
         for micro, batch in enumerate(group):
             generator = step_generator(cfg.train.seed, self.state.step, micro)
@@ -493,6 +495,8 @@ class Trainer:
         if not self.config.train.gradient_checkpointing:
             return
         for role in dict.fromkeys(["denoiser", *self.network.trained_roles()]):
+            if role not in self.model.parts:
+                continue  # textual-inversion vectors: a parameter, no module of the model
             module = self.model.parts[role]
             if role == "denoiser" and self.block_swap is not None:
                 module.enable_gradient_checkpointing(self.block_swap.checkpoint_function)  # diffusers, blocks kept in

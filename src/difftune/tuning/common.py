@@ -47,14 +47,10 @@ def constant_lr_changes(config: Config, lr: float) -> dict[str, Any]:
     """
     train = config.train
     changes: dict[str, Any] = {"lr": lr, "lr_scheduler": "constant", "lr_from": None}
-    for key in ("text_encoder_lr", "text_encoder_2_lr"):
+    for key in ("text_encoder_lr", "text_encoder_2_lr", "embedding_lr"):
         if getattr(train, key) is not None:
             changes[key] = getattr(train, key) * lr / train.lr
     return changes
-
-
-def is_full_finetune(config: Config) -> bool:
-    return config.network.type in (None, "none", "full")
 
 
 def format_lr(value: float | None) -> str:

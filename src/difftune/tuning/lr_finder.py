@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from difftune.config.schema import Config
-from difftune.tuning.common import format_lr, is_full_finetune, refuse_lr_free, sub_config
+from difftune.optim.optimizers import default_lr_range, lr_kind
+from difftune.tuning.common import format_lr, refuse_lr_free, sub_config
 from difftune.tuning.curve import analyze_lr_sweep, json_safe, should_stop
 
 FOLDER = "find-lr"
@@ -33,17 +34,15 @@ MAX_EXTEND = 100.0
 """With `find_lr.extend`, a sweep that has not diverged goes on up to this multiple of end_lr."""
 
 # Used only when the optimizer catalogue has no range for an optimizer (Adam-like defaults).
-_FALLBACK_RANGE = {True: (1e-7, 1e-4), False: (5e-6, 5e-3)}
+_FALLBACK_RANGE = {"full": (1e-7, 1e-4), "network": (5e-6, 5e-3), "embedding": (5e-5, 5e-2)}
 
 
 def lr_range(config: Config) -> tuple[float, float]:
     """The sweep's (start, end): find_lr.start_lr/end_lr, else the optimizer's usual range widened 10x."""
     try:
-        from difftune.optim.optimizers import default_lr_range
-
-        low, high = default_lr_range(config.optimizer.name, is_full_finetune(config))
+        low, high = default_lr_range(config.optimizer.name, lr_kind(config.network))
     except (ImportError, KeyError, ValueError):
-        low, high = _FALLBACK_RANGE[is_full_finetune(config)]
+        low, high = _FALLBACK_RANGE[lr_kind(config.network)]
     start = config.find_lr.start_lr or low
     end = config.find_lr.end_lr or high
     if start >= end:  # only one side was set, beyond the other default

@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from difftune.data.batch import Batch
+from difftune.models.clip_tokenizers import expand_multi_vector_tokens
 from difftune.models.latent_unet import LatentUNetModel
 from difftune.models.registry import FAMILIES
 from difftune.models.sd.lora_presets import UNET_CLIP_PRESETS
@@ -28,6 +29,7 @@ def encode_clip(text_encoder, tokenizer, captions: list[str], layer: int | None 
     `layer`: take `hidden_states[layer]` instead of the last layer's output (kohya's clip_skip, SDXL's
     penultimate layer); `final_norm` applies the final layer norm to it as SD 1.x expects.
     """
+    captions = expand_multi_vector_tokens(tokenizer, captions)  # textual inversion's token_1 ... token_n
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(text_encoder.device)
     if layer is None:
@@ -58,6 +60,12 @@ class StableDiffusionModel(LatentUNetModel):
     text_encoder_roles = ("text_encoder",)
     kohya_prefixes = FAMILIES["sd"].kohya_prefixes  # declared once, in the registry line
     diffusers_prefixes = FAMILIES["sd"].diffusers_prefixes
+    embedding_keys = FAMILIES["sd"].embedding_keys
+
+    @property
+    def tokenizers(self) -> dict[str, Any]:
+        """Text-encoder role → its tokenizer (textual inversion adds its tokens to them)."""
+        return {"text_encoder": self.tokenizer}
     lora_presets = UNET_CLIP_PRESETS
 
     @property

@@ -45,6 +45,12 @@ class StableDiffusionXLModel(LatentUNetModel):
     text_encoder_roles = ("text_encoder", "text_encoder_2")
     kohya_prefixes = FAMILIES["sdxl"].kohya_prefixes  # declared once, in the registry line
     diffusers_prefixes = FAMILIES["sdxl"].diffusers_prefixes
+    embedding_keys = FAMILIES["sdxl"].embedding_keys
+
+    @property
+    def tokenizers(self) -> dict[str, Any]:
+        """Text-encoder role → its tokenizer (textual inversion adds its tokens to them)."""
+        return {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}
     lora_presets = UNET_CLIP_PRESETS
 
     @property

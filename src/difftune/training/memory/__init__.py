@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from difftune.config.network_rules import EMBEDDING_ROLE
 from difftune.config.schema import Config
 from difftune.errors import ConfigError, ModelLoadError
 
@@ -143,6 +144,9 @@ def _resolve_cache(config: Config, text_trained: list[str]) -> bool:
         raise ConfigError("data.cache_text_embeddings = true and data.shuffle_tags = true (or a subset's): shuffled captions differ every "
                           "step, so stored embeddings would train on other text than the step's caption; turn one of "
                           "them off (cache_text_embeddings = 'auto' caches only without shuffle_tags)")
+    if EMBEDDING_ROLE in text_trained:
+        raise ConfigError("data.cache_text_embeddings = true with textual inversion: the token's vectors change every "
+                          "step, and with them the text the encoders give; leave cache_text_embeddings = 'auto'")
     if text_trained:
         raise ConfigError(f"data.cache_text_embeddings = true and train.train_text_encoder trains {', '.join(text_trained)}: "
                           "a trained encoder's outputs change every step, so they cannot be stored; turn one of them "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tomllib
 
 import numpy as np
 import pytest
@@ -353,3 +354,64 @@ def test_tuners_keep_each_text_encoders_lr_ratio():
     config = load_config(None, ["train.lr=1e-4", "train.text_encoder_lr=5e-5", "train.text_encoder_2_lr=2e-5"])
     changes = constant_lr_changes(config, 4e-4)
     assert changes["text_encoder_lr"] == pytest.approx(2e-4) and changes["text_encoder_2_lr"] == pytest.approx(8e-5)
+
+
+def test_a_text_encoder_sweep_ramps_its_groups_and_holds_the_unets(quick_config):
+    from difftune.training.loop import Trainer
+    from difftune.tuning.lr_finder import Ramp, ramp, swept_base_lr
+
+    config = quick_config(network={"type": "lora", "rank": 4, "loraplus_lr_ratio": 4},
+                          train={"lr": 1e-3, "text_encoder_lr": 1e-4, "train_text_encoder": True},
+                          find_lr={"group": "text_encoder"})
+    _, step_lrs = ramp(1e-5, 1e-2, 4, 1, "log")
+    assert swept_base_lr(config) == pytest.approx(1e-4)
+    trainer = Trainer(config, show_progress=False, lr_multiplier=Ramp(step_lrs, swept_base_lr(config), "text_encoder"))
+    try:
+        groups = trainer.step_groups()
+        for step in range(4):
+            lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+            assert lrs["denoiser"] == pytest.approx(1e-3) and lrs["denoiser x4"] == pytest.approx(4e-3)
+            assert lrs["text_encoder"] == pytest.approx(step_lrs[step])  # the sweep's LR, absolute
+            assert lrs["text_encoder x4"] == pytest.approx(4 * step_lrs[step])  # LoRA+ keeps its ratio
+            trainer.train_step(next(groups))
+    finally:
+        trainer.close()
+
+
+def test_a_text_encoder_sweep_needs_a_trained_text_encoder_and_lr_from_sets_its_lr(quick_config, tmp_path):
+    from difftune.tuning.lr_finder import find_lr
+
+    with pytest.raises(ConfigError, match="find_lr.group = 'text_encoder': this run does not train it"):
+        find_lr(quick_config(network={"type": "lora", "rank": 4}, find_lr={"group": "text_encoder"}),
+                show_progress=False)
+    result = tmp_path / "find_lr.json"
+    result.write_text(json.dumps({"lr": 2e-5, "lr_key": "train.text_encoder_lr", "verdict": "ok"}))
+    config = validate_config({"train": {"lr": 1e-4, "lr_from": str(result)}})
+    assert (config.train.lr, config.train.text_encoder_lr) == (pytest.approx(1e-4), pytest.approx(2e-5))
+    result.write_text(json.dumps({"lr": 2e-5, "lr_key": "train.seed", "verdict": "ok"}))
+    with pytest.raises(ConfigError, match="lr_key 'seed' is not an LR"):
+        validate_config({"train": {"lr_from": str(result)}})
+
+
+def test_auto_sweeps_the_text_encoders_lr_with_the_unets_held(digits_dir, tmp_path, capsys):
+    data = quick_config_dict(
+        digits_dir, tmp_path / "run", network={"type": "lora", "rank": 4},
+        train={"max_steps": 12, "lr": 1e-3, "text_encoder_lr": 1e-4, "train_text_encoder": True},
+        find_lr=SWEEP, find_steps={"every_n_steps": 4},
+    )
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(data))
+    code = main(["auto", str(config), "--no-progress", "--json", str(tmp_path / "a.json")])
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert code == 0, out
+    entry = result["text_encoders"]["text_encoder"]
+    swept = json.loads((tmp_path / "run" / "find-lr-text_encoder" / "find_lr.json").read_text())
+    assert swept["lr_key"] == "train.text_encoder_lr" and entry["lr"] == swept["lr"]
+    assert entry["unet_to_text_encoder_ratio"] == pytest.approx(result["chosen"]["lr"] / swept["lr"])
+    # find-steps trained at both found LRs
+    steps_config = tomllib.loads((tmp_path / "run" / "find-steps" / "config.resolved.toml").read_text())
+    assert steps_config["train"]["lr"] == pytest.approx(result["chosen"]["lr"])
+    assert steps_config["train"]["text_encoder_lr"] == pytest.approx(swept["lr"])
+    assert "text_encoder learning rate" in (tmp_path / "run" / "report.html").read_text()
+    assert "chosen: text_encoder lr" in out

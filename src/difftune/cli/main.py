@@ -264,6 +264,9 @@ def _add_tuning_commands(sub) -> None:
         "docs/tuning.md.",
     ), epilog=_config_keys("find_lr", FindLRConfig))
     _add_config_args(p)
+    p.add_argument("--group", choices=["all", "denoiser", "text_encoder", "text_encoder_2"], default=None,
+                   help="whose LR to sweep (find_lr.group; default: the config's, 'all'): e.g. text_encoder sweeps "
+                        "train.text_encoder_lr with the UNet held at train.lr (set it to its found value)")
     _add_json_arg(p, "the result (the content of find_lr.json)")
     _add_progress_arg(p)
 
@@ -607,7 +610,8 @@ def cmd_find_lr(args) -> int:
     from difftune.config.loading import load_config
     from difftune.tuning.lr_finder import find_lr, format_result
 
-    result = find_lr(load_config(args.config, args.overrides), show_progress=not args.no_progress)
+    overrides = args.overrides + ([f"find_lr.group={args.group}"] if args.group else [])
+    result = find_lr(load_config(args.config, overrides), show_progress=not args.no_progress)
     print(format_result(result))
     _write_json(args.json, result)
     return 0 if result["lr"] is not None else 1

@@ -617,6 +617,9 @@ class FindLRConfig(Section):
     stop_factor: float = Field(4.0, gt=1.0, description="Stop the sweep once the loss exceeds this multiple of its best.")
     edge_divisor: float = Field(4.5, gt=1.0, description="The default rule trains this factor below the LR where the "
                                 "sweep diverged (measured in bench/lr_accuracy); raise it for a more cautious LR.")
+    group: Literal["all", "denoiser", "text_encoder", "text_encoder_2"] = Field(
+        "all", description="Whose LR the sweep ramps: all groups at their configured ratios, or one role's (the "
+        "others stay at their configured LRs, e.g. the UNet's at its found value, to find train.text_encoder_lr).")
 
     @model_validator(mode="after")
     def _range_increases(self) -> FindLRConfig:
@@ -654,6 +657,9 @@ class AutoConfig(Section):
         description="Retrain the final model with the validation images added back (same number of epochs). Nothing "
         "then measures that run: it trains blind.",
     )
+    sweep_text_encoder: bool = Field(
+        True, description="When a text encoder trains: after the first sweep, sweep each text encoder's LR with the "
+        "UNet's held at its found value (find_lr.group), instead of keeping the configured ratio.")
 
 
 class Config(Section):

@@ -134,7 +134,8 @@ class Trainer:
         self.scheduler = (
             build_scheduler(config, self.optimizer, self.plan.total_steps)
             if lr_multiplier is None
-            else torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier)
+            else torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier.for_groups(self.optimizer.param_groups)
+                                                   if hasattr(lr_multiplier, "for_groups") else lr_multiplier)
         )
         # Multi-GPU slots in here: prepare() wraps modules for DDP and the optimizer for AMP scaling.
         prepared = self.accelerator.prepare(*self.network.trained_modules(), self.optimizer)

@@ -53,6 +53,7 @@ def _auto(config: Config, show_progress: bool, log) -> dict[str, Any]:
     if lr_result["status"] != "ok":
         result["warnings"].append(f"find-lr: {lr_result['verdict']}")
     lr = lr_result["lr"]
+    config = sweep_text_encoders(config, lr, result, show_progress, log)
 
     log(f"== 2/3 find-steps at lr {lr:.3g} ==")
     steps_result = step_finder.find_steps(config, lr, show_progress=show_progress)
@@ -67,7 +68,9 @@ def _auto(config: Config, show_progress: bool, log) -> dict[str, Any]:
         return _finish(result, root, started, atomic_write_json)
 
     settings = config.auto
-    result["chosen"] = {"lr": lr, "steps": best_step}
+    result["chosen"] = {"lr": lr, "steps": best_step,
+                        **{lr_finder.LR_KEYS[role]: e["lr"] for role, e in result.get("text_encoders", {}).items()
+                           if e.get("lr")}}
     if settings.final_run == "retrain" or settings.add_validation_back:
         log("== 3/3 final run ==")
         result["final"] = final_run(config, lr, best_step, steps_result, show_progress)
@@ -81,6 +84,40 @@ def _auto(config: Config, show_progress: bool, log) -> dict[str, Any]:
         result["final"] = {"mode": "reuse", "model": steps_result["best_checkpoint"], "steps": best_step,
                            "val_loss": steps_result["best_loss"]}
     return _finish(result, root, started, atomic_write_json)
+
+
+def sweep_text_encoders(config: Config, lr: float, result: dict[str, Any], show_progress: bool, log) -> Config:
+    """With a trained text encoder (and auto.sweep_text_encoder): sweep each one's LR with the UNet held at
+    `lr`, the first sweep's answer, and return the config that trains at all of them. The kohya guides'
+    rule of thumb is a text-encoder LR 5-10x below the UNet's; the measured ratio goes in the report."""
+    from difftune.models.registry import trained_roles
+    from difftune.optim.optimizers import get_spec
+    from difftune.tuning import lr_finder
+
+    encoders = [r for r in trained_roles(config) if r in ("text_encoder", "text_encoder_2")]
+    if not encoders or not config.auto.sweep_text_encoder:
+        return config
+    if get_spec(config.optimizer.name).equal_group_lr:
+        result["warnings"].append(f"{config.optimizer.name} needs one LR for every group: the text encoders train at "
+                                  "the UNet's LR, not swept")
+        return config
+    changes = dict(constant_lr_changes(config, lr))  # the text encoders' configured ratios, at the found lr
+    result["text_encoders"] = {}
+    for role in encoders:
+        current = sub_config(config, None, train=changes, find_lr={"group": role})
+        log(f"== 1/3 find-lr of train.{lr_finder.LR_KEYS[role]} (UNet held at {lr:.3g}) ==")
+        swept = lr_finder.find_lr(current, show_progress=show_progress)
+        log(lr_finder.format_result(swept))
+        key = lr_finder.LR_KEYS[role]
+        entry = {"result": swept, "lr": swept["lr"], "configured": changes.get(key, getattr(current.train, key) or lr)}
+        if swept["lr"] is None:
+            result["warnings"].append(f"find-lr of {key} recommends no LR ({swept['verdict']}): kept "
+                                      f"{format_lr(entry['configured'])}")
+        else:
+            changes[key] = swept["lr"]
+            entry["unet_to_text_encoder_ratio"] = lr / swept["lr"]
+        result["text_encoders"][role] = entry
+    return sub_config(config, None, train=changes)
 
 
 def final_run(config: Config, lr: float, best_step: int, steps_result: dict[str, Any], show_progress: bool) -> dict[str, Any]:
@@ -141,6 +178,12 @@ def render_report(result: dict[str, Any], root: Path) -> str:
              "where the probe loss starts to fall / where the fall ends (use both for train.lr_scheduler = 'cyclic' "
              "with train.lr_from)"),
         ]
+    for role, entry in (result.get("text_encoders") or {}).items():
+        ratio = entry.get("unet_to_text_encoder_ratio")
+        rows.append((f"{role} learning rate", format_lr(entry.get("lr") or entry.get("configured")),
+                     (f"its own sweep with the UNet held at the learning rate above: the UNet's LR is {ratio:.3g}x this "
+                      "one (the kohya guides' rule of thumb: 5-10x)") if ratio else
+                     f"its sweep recommended none ({entry['result'].get('verdict')}): the configured ratio is kept"))
     if st_r:
         band = st_r.get("step_band")
         rows += [
@@ -200,6 +243,9 @@ def format_result(result: dict[str, Any]) -> str:
     lines = [f"auto: {result['status']}" + (f" — {result['reason']}" if result.get("reason") else "")]
     if result.get("chosen"):
         lines.append(f"chosen: lr {result['chosen']['lr']:.3g}, {result['chosen']['steps']} steps")
+    for role, entry in (result.get("text_encoders") or {}).items():
+        if entry.get("lr"):
+            lines.append(f"chosen: {role} lr {entry['lr']:.3g} (the UNet's is {entry['unet_to_text_encoder_ratio']:.3g}x)")
     if result.get("final"):
         lines.append(f"final model ({result['final']['mode']}): {result['final']['model']}")
     for warning in result.get("warnings", []):

@@ -15,8 +15,9 @@ from typing import Any
 from difftune.config.schema import Config
 
 
-def sub_config(config: Config, folder: str, **sections: dict[str, Any]) -> Config:
-    """A copy of `config` writing to `<output.dir>/<folder>`, with some keys changed per section.
+def sub_config(config: Config, folder: str | None, **sections: dict[str, Any]) -> Config:
+    """A copy of `config` writing to `<output.dir>/<folder>` (None: output.dir itself, as it is), with some
+    keys changed per section.
 
     The copy is re-validated, so a change that makes the config invalid fails here with the key.
     """
@@ -24,8 +25,9 @@ def sub_config(config: Config, folder: str, **sections: dict[str, Any]) -> Confi
     from difftune.data.cache_paths import latent_cache_folder
 
     data = config_to_dict(config)
-    data["output"]["dir"] = str(Path(config.output.dir) / folder)
-    data["output"]["overwrite"] = True  # a tuner's own folder is redone on every call
+    if folder is not None:
+        data["output"]["dir"] = str(Path(config.output.dir) / folder)
+        data["output"]["overwrite"] = True  # a tuner's own folder is redone on every call
     if config.data.cache_latents == "disk" and not config.data.latent_cache_dir:
         # every sub-run reads the parent's disk cache: entries are keyed by content, so they are the same
         data["data"]["latent_cache_dir"] = str(latent_cache_folder(config.data, config.output.dir))

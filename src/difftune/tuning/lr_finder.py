@@ -30,6 +30,11 @@ from difftune.tuning.common import format_lr, refuse_lr_free, sub_config
 from difftune.tuning.curve import analyze_lr_sweep, json_safe, should_stop
 
 FOLDER = "find-lr"
+
+
+def sweep_folder(group: str) -> str:
+    """Where a sweep writes under output.dir: find-lr/, or find-lr-text_encoder/ for one role's LR."""
+    return FOLDER if group == "all" else f"{FOLDER}-{group}"
 MAX_EXTEND = 100.0
 """With `find_lr.extend`, a sweep that has not diverged goes on up to this multiple of end_lr."""
 
@@ -65,17 +70,61 @@ def ramp(start: float, end: float, num_points: int, steps_per_point: int, shape:
 
 
 class Ramp:
-    """The LR multiplier handed to the trainer: absolute LR of the step / the configured train.lr.
+    """The LR multiplier handed to the trainer: LR of the step / the swept role's configured LR.
 
-    A list, so the sweep can extend it while it runs (`find_lr.extend`).
+    A list, so the sweep can extend it while it runs (`find_lr.extend`). With a `group` (find_lr.group)
+    only that role's parameter groups ramp; the others keep multiplier 1 (their configured LRs).
     """
 
-    def __init__(self, step_lrs: np.ndarray, base_lr: float):
+    def __init__(self, step_lrs: np.ndarray, base_lr: float, group: str = "all"):
         self.step_lrs = [float(x) for x in step_lrs]
         self.base_lr = base_lr
+        self.group = group
 
     def __call__(self, step: int) -> float:
         return self.step_lrs[min(step, len(self.step_lrs) - 1)] / self.base_lr
+
+    def for_groups(self, param_groups: list[dict]) -> list:
+        """One multiplier per optimizer group (LambdaLR's list form): the ramp for the swept role's groups
+        ("text_encoder", "text_encoder x16", ...), a constant 1 for the rest."""
+        return [self if self.group == "all" or group_role(g.get("name", "")) == self.group else _Fixed()
+                for g in param_groups]
+
+
+class _Fixed:
+    """Multiplier 1: a group the sweep leaves at its configured LR (an object, so LambdaLR saves it)."""
+
+    def __call__(self, step: int) -> float:
+        return 1.0
+
+
+def group_role(name: str) -> str:
+    """The role of an optimizer group's name ("text_encoder x16" -> "text_encoder")."""
+    return name.split(" x", 1)[0]
+
+
+LR_KEYS = {"all": "lr", "denoiser": "lr", "text_encoder": "text_encoder_lr", "text_encoder_2": "text_encoder_2_lr"}
+"""The train key a sweep's recommendation is for, by find_lr.group."""
+
+
+def swept_base_lr(config: Config) -> float:
+    """The configured LR of the role the sweep ramps (before train.scale_lr, as train.lr is)."""
+    train, group = config.train, config.find_lr.group
+    te = train.text_encoder_lr if train.text_encoder_lr is not None else train.lr
+    return {"text_encoder": te, "text_encoder_2": train.text_encoder_2_lr if train.text_encoder_2_lr is not None
+            else te}.get(group, train.lr)
+
+
+def check_group(config: Config, roles: list[str]) -> None:
+    """find_lr.group must name a role that trains (with a partner whose LR stays put)."""
+    from difftune.errors import ConfigError
+
+    group = config.find_lr.group
+    if group == "all":
+        return
+    if group not in roles:
+        raise ConfigError(f"find_lr.group = '{group}': this run does not train it (it trains {', '.join(roles)}); "
+                          f"set train.train_text_encoder to train a text encoder, or find_lr.group = 'all'")
 
 
 def snapshot(trainer) -> dict[str, Any]:
@@ -253,19 +302,25 @@ def _find_lr(config: Config, show_progress: bool) -> dict[str, Any]:
     start, end = lr_range(config)
     point_lrs, step_lrs = ramp(start, end, settings.num_points, settings.steps_per_point, settings.shape)
     sweep_config = sub_config(
-        config, FOLDER,
+        config, sweep_folder(settings.group),
         sample={"prompts": []},
         validation={"every_n_steps": None, "every_n_epochs": 0},  # the sweep scores its own probes
         output={"tensorboard": False, "save_every_n_steps": None, "save_every_n_epochs": None},
         ema={"enabled": False},  # the sweep scores the weights as they train at each LR, not a lagging average
     )
-    ramp_fn = Ramp(step_lrs, config.train.lr)
+    ramp_fn = Ramp(step_lrs, swept_base_lr(config), settings.group)
     trainer = Trainer(sweep_config, show_progress=False, lr_multiplier=ramp_fn)
+    try:
+        check_group(config, trainer.network.trained_roles())
+    except Exception:
+        trainer.close()
+        raise
     folder = trainer.run_dir.root
     run_steps = trainer.plan.total_steps
     progress = Progress(len(point_lrs), description="find-lr", enabled=show_progress)
     progress.write(
-        f"find-lr: {settings.shape} sweep {start:.3g} → {end:.3g}, {settings.num_points} points x "
+        f"find-lr{'' if settings.group == 'all' else ' of train.' + LR_KEYS[settings.group]}: "
+        f"{settings.shape} sweep {start:.3g} → {end:.3g}, {settings.num_points} points x "
         f"{settings.steps_per_point} steps, probe: {describe_probes(probe_sources(trainer, config), config)}"
     )
 
@@ -289,6 +344,7 @@ def _find_lr(config: Config, show_progress: bool) -> dict[str, Any]:
     result = analysis.to_json()  # lr, lr_min, lr_max, lr_band, rule, status, verdict, suggestions, ...
     scores, smoothed = result.pop("score"), result.pop("smoothed")  # per point in `curve` instead
     result.update({
+        "group": settings.group, "lr_key": f"train.{LR_KEYS[settings.group]}",
         "curve": [
             {**row, "score": scores[i], "smoothed": smoothed[i] if i < len(smoothed) else None}
             for i, row in enumerate(raw["rows"])
@@ -339,7 +395,8 @@ def format_result(result: dict[str, Any]) -> str:
         f"verdict: {result['verdict']}",
         f"lr_min {format_lr(result['lr_min'])}   lr_max {format_lr(result['lr_max'])}   "
         f"stability edge {format_lr(result.get('lr_edge'))}",
-        f"recommended lr ({result['rule']} rule): {format_lr(result['lr'])}"
+        f"recommended {result.get('lr_key', 'train.lr').removeprefix('train.')} ({result['rule']} rule): "
+        f"{format_lr(result['lr'])}"
         + (f"   band 10/50/90%: {format_lr(band[0])} / {format_lr(band[1])} / {format_lr(band[2])}" if band else ""),
         "other rules: " + ", ".join(f"{k} {format_lr(v)}" for k, v in result["suggestions"].items() if k != result["rule"]),
     ]

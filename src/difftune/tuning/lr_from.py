@@ -1,5 +1,8 @@
 """`train.lr_from = "runs/x/find-lr/find_lr.json"`: take the LR (or cyclic bounds) from a find-lr result.
 
+A sweep of one text encoder's LR (`find_lr.group = "text_encoder"`, the result's `lr_key`) sets
+`train.text_encoder_lr` (or text_encoder_2_lr) instead, leaving train.lr as configured.
+
 Resolved once when the config is validated, so everything downstream (doctor, schedule preview, the
 resolved config in the run directory) sees the numbers actually trained with. For
 `train.lr_scheduler = "cyclic"` the schedule cycles between the sweep's bounds (Smith's cyclical
@@ -37,6 +40,15 @@ def apply_lr_from(config: Config, source: str) -> None:
     if not isinstance(result, dict) or "lr" not in result:
         raise ConfigError(f"{key}: not a find-lr result (no 'lr' key; expected the find_lr.json of `difftune find-lr`)")
     verdict = result.get("verdict")
+    lr_key = str(result.get("lr_key", "train.lr")).removeprefix("train.")
+    if lr_key not in ("lr", "text_encoder_lr", "text_encoder_2_lr"):
+        raise ConfigError(f"{key}: lr_key {lr_key!r} is not an LR difftune sweeps; was the file edited?")
+    if lr_key != "lr":  # a sweep of one text encoder's LR (find_lr.group) with the UNet's held
+        lr = _learning_rate(result, "lr", key)
+        if lr is None:
+            raise ConfigError(f"{key}: that sweep recommends no {lr_key} (verdict: {verdict})")
+        setattr(config.train, lr_key, lr)
+        return
     if config.train.lr_scheduler == "cyclic":
         low, high = (_learning_rate(result, k, key) for k in ("lr_min", "lr_max"))
         if not (low and high and low < high):

@@ -51,7 +51,9 @@ def log(message: str) -> None:
 
 def variants(sweep: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Name → (train, optimizer) changes of each alternative for one seed's sweep."""
-    cyclic = {"lr": sweep["lr_max"], "lr_min": sweep["lr_min"], "lr_scheduler": "cyclic", "lr_cycles": CYCLES}
+    # cyclic rises from lr_min in every cycle: the problem's warmup is its first rise
+    cyclic = {"lr": sweep["lr_max"], "lr_min": sweep["lr_min"], "lr_scheduler": "cyclic", "lr_cycles": CYCLES,
+              "lr_warmup_steps": 0, "lr_warmup_ratio": None}
     return {
         # find-lr's LR again, here: the same score as the report's check run, and its time next to the others'
         "find_lr": {"train": {"lr": float(f"{sweep['rules']['default']['lr']:.4g}")}},

@@ -83,11 +83,13 @@ def make_grid(images: list[Image.Image], prompts: list[str], title: str, columns
     return grid
 
 
-def write_sample_grid(model: DiffusionModel, sample: SampleConfig, resolution: int, path: Path, title: str) -> Path:
+def write_sample_grid(model: DiffusionModel, sample: SampleConfig, resolution: int, path: Path,
+                      title: str) -> list[Image.Image]:
+    """Render the prompts and write their grid to `path`; returns the images."""
     images = render_samples(model, sample, resolution)
     from difftune.checkpoint.atomic import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
         make_grid(images, sample.prompts, title).save(tmp, format="PNG")
-    return path
+    return images

@@ -243,7 +243,9 @@ class Trainer:
                     record["early_stop"] = self.early_stopping.reason
             saving = saving and not finishing  # an early stop ends with the final save, not two at one step
             if cfg.sample.prompts and _due(cfg.sample, state, epoch_done, finishing):
-                self._sample(checkpoint_name(state.step))
+                score = self._sample(checkpoint_name(state.step))
+                if score is not None:
+                    record["sample_digit_score"] = score
                 eventful = True
             if eventful or state.step % cfg.output.log_every_n_steps == 0:
                 # The mean since the last record (the loss itself when every step writes one); a save always
@@ -362,16 +364,23 @@ class Trainer:
                 out[f"val_loss_{other}"] = evaluate(self.val_probe)
         return out
 
-    def _sample(self, name: str) -> None:
+    def _sample(self, name: str) -> float | None:
+        """The sample grid; returns the digit score of its images (reporting/digit_score.py) when every
+        prompt names a digit, as the demo's do, else None."""
         # Samples run the pipeline's own text encoding: offloaded encoders come to the device meanwhile.
         encoders = self.text_cache.encoders_on_device() if self.text_cache is not None else contextlib.nullcontext()
         with self._weights_for("samples"), encoders, self._vae_on_device():
-            write_sample_grid(
+            images = write_sample_grid(
                 self.model, self.config.sample, self.config.data.resolution,
                 self.run_dir.samples / f"{name}.png", title=f"{name}  seed {self.config.sample.seed}",
             )
         if self.metrics is not None:
             self.metrics.log_image("samples", self.run_dir.samples / f"{name}.png", self.state.step)
+        from difftune.reporting.digit_score import digit_score, prompted_digit
+
+        if all(prompted_digit(p) is not None for p in self.config.sample.prompts):
+            return digit_score(images, self.config.sample.prompts)
+        return None
 
     def _save(self, name: str, with_state: bool = True) -> None:
         """Training state as trained (written first), then the export with the weights users should get."""

@@ -72,5 +72,14 @@ def plot_step_search(result: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("loss")
     ax.set_title(f"find-steps at lr {result['lr']:.3g}: {result.get('verdict', '')}"[:110], fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    scores = [(row["step"], row["sample_digit_score"]) for row in curve if row.get("sample_digit_score") is not None]
+    if scores:  # digit prompts: how many samples a digit classifier reads as the prompted digit
+        right = ax.twinx()
+        line, = right.plot(*zip(*scores, strict=True), "s--", color="tab:blue", markersize=3,
+                           label="samples read as the prompted digit")
+        right.set_ylim(-0.02, 1.02)
+        right.set_ylabel("sample digit score")
+        handles, labels = handles + [line], labels + [line.get_label()]
+    ax.legend(handles, labels, fontsize=8)
     return save_figure(fig, path)

@@ -28,16 +28,21 @@ VALIDATIONS_PER_RUN = 25
 
 def step_search_config(config: Config, lr: float, folder: str = FOLDER) -> Config:
     """The find-steps run: constant `lr`, validation every N steps, best export kept, no periodic saves."""
+    from difftune.reporting.digit_score import prompted_digit
     from difftune.training.plan import make_plan
 
     settings = config.find_steps
     max_steps = settings.max_steps or make_plan(config).total_steps
     every = settings.every_n_steps or max(1, round(max_steps / VALIDATIONS_PER_RUN))
+    prompts = config.sample.prompts
+    # digit prompts (the demo's data): sample at every validation, so each point of the curve has a sample score
+    digits = bool(prompts) and all(prompted_digit(p) is not None for p in prompts)
     return sub_config(
         config, folder,
         train={**constant_lr_changes(config, lr), "max_steps": max_steps},
         validation={"every_n_steps": every, "every_n_epochs": 0},
         output={"save_best": True, "save_every_n_steps": None, "save_every_n_epochs": None},
+        **({"sample": {"every_n_steps": every, "every_n_epochs": None}} if digits else {}),
     )
 
 
@@ -84,7 +89,8 @@ def _find_steps(config: Config, lr: float | None, show_progress: bool, folder: s
     root = trainer.run_dir.root
     records = read_metrics(trainer.run_dir.metrics)
     curve = [
-        {k: r[k] for k in ("step", "val_loss", "val_loss_raw", "val_loss_ema", "stable_train_loss") if k in r}
+        {k: r[k] for k in ("step", "val_loss", "val_loss_raw", "val_loss_ema", "stable_train_loss",
+                           "sample_digit_score") if k in r}
         for r in records if r.get("val_loss") is not None
     ]
     analysis = analyze_steps([c["step"] for c in curve], [c["val_loss"] for c in curve], settings.margin)

@@ -415,3 +415,20 @@ def test_auto_sweeps_the_text_encoders_lr_with_the_unets_held(digits_dir, tmp_pa
     assert steps_config["train"]["text_encoder_lr"] == pytest.approx(swept["lr"])
     assert "text_encoder learning rate" in (tmp_path / "run" / "report.html").read_text()
     assert "chosen: text_encoder lr" in out
+
+
+def test_the_report_shows_sample_grids_nearest_to_half_one_and_two_times_the_chosen_step(tmp_path):
+    from difftune.tuning.auto import render_report, sample_grids_near
+
+    samples = tmp_path / "find-steps" / "samples"
+    samples.mkdir(parents=True)
+    for step in (20, 40, 60, 80):
+        (samples / f"step-{step:06d}.png").write_bytes(b"png")
+    steps_result = {"run_dir": str(tmp_path / "find-steps")}
+    grids = sample_grids_near(steps_result, 40)
+    assert [p.name for _, p in grids] == ["step-000020.png", "step-000040.png", "step-000080.png"]
+    assert "step 80 (nearest to twice the chosen step, 80)" == grids[-1][0]
+    # an early stop before twice the step: the last grid stands for it once, not twice
+    assert [p.name for _, p in sample_grids_near(steps_result, 80)] == ["step-000040.png", "step-000080.png"]
+    page = render_report({"status": "ok", "find_steps": steps_result, "chosen": {"lr": 1e-3, "steps": 40}}, tmp_path)
+    assert page.count("find-steps/samples/step-0000") == 6  # link and image of each of the three grids

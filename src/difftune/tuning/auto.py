@@ -205,6 +205,12 @@ def render_report(result: dict[str, Any], root: Path) -> str:
         rel = _rel(path, root)
         if rel and Path(path).is_file():
             images.append(f'<h3>{e(title)}</h3><a href="{e(rel)}"><img src="{e(rel)}" style="max-width:100%"></a>')
+    grids = sample_grids_near(st_r, result.get("chosen", {}).get("steps"))
+    if grids:
+        cells = "".join(f'<figure style="display:inline-block;margin:4px"><a href="{e(_rel(str(path), root))}">'
+                        f'<img src="{e(_rel(str(path), root))}" style="max-width:300px"></a>'
+                        f"<figcaption>{e(label)}</figcaption></figure>" for label, path in grids)
+        images.append(f"<h3>Samples around the chosen step</h3>{cells}")
     costs = []
     if lr_r.get("cost"):
         c = lr_r["cost"]
@@ -237,6 +243,27 @@ table{{border-collapse:collapse}}th,td{{border:1px solid #ccc;padding:4px 8px;te
 <p>Method: docs/tuning.md in the difftune repository.</p>
 </body></html>
 """
+
+
+def sample_grids_near(steps_result: dict[str, Any], chosen: int | None) -> list[tuple[str, Path]]:
+    """find-steps' sample grids nearest to half, one and two times the chosen step (labelled with the step
+    each was made at: a run samples on its own cadence, and an early stop may end before 2x)."""
+    if not chosen or not steps_result.get("run_dir"):
+        return []
+    folder = Path(steps_result["run_dir"]) / "samples"
+    made = {}
+    for path in folder.glob("step-*.png"):
+        try:
+            made[int(path.stem.removeprefix("step-"))] = path
+        except ValueError:
+            continue
+    if not made:
+        return []
+    picked: dict[int, str] = {}
+    for factor, name in ((0.5, "half the chosen step"), (1.0, "the chosen step"), (2.0, "twice the chosen step")):
+        step = min(made, key=lambda s: (abs(s - factor * chosen), s))
+        picked.setdefault(step, f"step {step} (nearest to {name}, {round(factor * chosen)})")
+    return [(label, made[step]) for step, label in sorted(picked.items())]
 
 
 def format_result(result: dict[str, Any]) -> str:

@@ -6,7 +6,8 @@ On every problem of bench/lr_accuracy (the same configs, step budgets and seeds 
   optimizer, constant schedule;
 - Smith's cyclical LR between find-lr's `lr_min` and `lr_max` of the same seed's sweep (`cyclic`,
   triangular and triangular2, two cycles over the budget);
-versus the problem's own optimizer at find-lr's LR (the check runs of bench/results/lr_accuracy*.json).
+versus the problem's own optimizer at find-lr's LR, from find-lr sweeps run again here by today's code
+(the grid of bench/results/lr_accuracy*.json is quoted for scale; its runs may predate changes).
 A run's score is its best validation loss over the budget (what find-steps would keep), validated 20
 times, as the grid's runs are. Also reports the cost of `auto` (the sweep plus one run of the budget)
 against one Prodigy run, in seconds measured here.
@@ -56,7 +57,7 @@ def variants(sweep: dict[str, Any]) -> dict[str, dict[str, Any]]:
               "lr_warmup_steps": 0, "lr_warmup_ratio": None}
     return {
         # find-lr's LR again, here: the same score as the report's check run, and its time next to the others'
-        "find_lr": {"train": {"lr": float(f"{sweep['rules']['default']['lr']:.4g}")}},
+        "find_lr": {"train": {"lr": float(f"{sweep['lr']:.4g}")}},
         "prodigy": {"train": {"lr": 1.0}, "optimizer": PRODIGY},
         "dadapt_adam": {"train": {"lr": 1.0}, "optimizer": DADAPT},
         "clr_triangular": {"train": {**cyclic, "cyclic_mode": "triangular"}},
@@ -129,25 +130,30 @@ def main(argv: list[str] | None = None) -> int:
         PROBLEMS[name].prepare(work)
     started = time.perf_counter()
     pool = ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn"))
-    jobs = {}
+    runs = {}
     try:
+        # find-lr once more per seed, by today's code and timed beside the runs it is compared with: its
+        # LR and bounds (the stored report may predate changes to training), and auto's cost
+        sweeps = {(name, seed): pool.submit(sweep_run, name, str(work), seed, "log",
+                                            str(work / "cache" / name / f"alt-sweep-log-s{seed}.json"))
+                  for name in names for seed in SEEDS}
+        for (name, seed), job in sweeps.items():
+            runs[(name, "sweep", seed)] = job.result()
+            log(f"{name} s{seed}: find-lr recommends {runs[(name, 'sweep', seed)]['lr']}")
+        jobs = {}
         for name in names:
             for seed in SEEDS:
-                sweep = base[name]["sweeps"].get(seed)
-                if sweep is None:
+                sweep = runs[(name, "sweep", seed)]
+                if sweep.get("lr") is None:
                     continue
                 for variant, changes in variants(sweep).items():
-                    cache = work / "cache" / name / f"alt-{variant}-s{seed}.json"
+                    tag = "" if "optimizer" in changes else f"-lr{changes['train']['lr']:.4g}"  # LR-free: no sweep
+                    cache = work / "cache" / name / f"alt-{variant}{tag}-s{seed}.json"
                     jobs[(name, variant, seed)] = pool.submit(variant_run, name, str(work), variant, changes, seed,
                                                               str(cache))
-            # the sweep once more, timed beside the runs it is compared with (auto's cost)
-            jobs[(name, "sweep", 1)] = pool.submit(sweep_run, name, str(work), 1, "log",
-                                                   str(work / "cache" / name / "alt-sweep-log-s1.json"))
-        runs = {}
         for key, job in jobs.items():
             runs[key] = job.result()
-            seconds = runs[key].get("seconds", runs[key].get("bench", {}).get("seconds", math.nan))
-            log(f"{key}: best {runs[key].get('best_val_loss', math.nan):.5g} in {seconds:.0f}s")
+            log(f"{key}: best {runs[key]['best_val_loss']:.5g} in {runs[key]['seconds']:.0f}s")
     finally:
         pool.shutdown()
     report = build_report(names, base, runs)
@@ -178,6 +184,8 @@ def build_report(names, base, runs) -> dict[str, Any]:
                 "diverged": sum(r["diverged"] for r in got), "seconds": statistics.mean(r["seconds"] for r in got),
                 "find_lr_better_by": (best - find_lr) / find_lr if math.isfinite(best) else math.inf,
             }
+        entry["find_lr_today"] = {seed: {k: runs[(name, "sweep", seed)].get(k) for k in ("lr", "lr_min", "lr_max", "lr_edge")}
+                                  for seed in SEEDS if (name, "sweep", seed) in runs}
         sweep, own, prodigy = (runs.get((name, v, 1)) for v in ("sweep", "find_lr", "prodigy"))
         if sweep and own and prodigy:
             # auto = find-lr's sweep + one run of the budget at its LR (find-steps), timed in this benchmark

@@ -238,6 +238,14 @@ def test_pivotal_tuning_bundles_the_vectors_in_the_lora_file(ti_config, tmp_path
         assert torch.equal(again.network.state_dict()["embedding.text_encoder"], embedding["emb_params"])
     finally:
         again.close()
+    # the diffusers-layout file has no bundle: the embedding file beside it continues the vectors, and says so
+    beside = Trainer(ti_config(network={**network, "init_from": str(final / "pytorch_lora_weights.safetensors")},
+                               output={"dir": str(tmp_path / "beside")}), show_progress=False)
+    try:
+        assert torch.equal(beside.network.state_dict()["embedding.text_encoder"], embedding["emb_params"])
+        assert any("bundles no vectors; '<dgt>' continues from" in n for n in beside.notes)
+    finally:
+        beside.close()
 
 
 def test_merge_and_convert_keep_the_bundled_embedding_as_a_file(ti_config, tmp_path):
@@ -288,3 +296,70 @@ def test_a_token_in_no_caption_or_already_a_word_is_refused(ti_config, quick_con
 def test_families_without_clip_embedding_files_refuse_it(ti_config):
     with pytest.raises(ConfigError, match="textual inversion .* is for the CLIP text encoders of SD 1.x/2.x and SDXL"):
         Trainer(ti_config(model="tiny-flux"), show_progress=False)
+
+
+def test_bad_embedding_files_are_clear_errors(tmp_path, capsys):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "a1111.pt").write_bytes(b"\x80\x02")
+    for name, message in (("missing.safetensors", "file not found"), ("empty.safetensors", "not a readable"),
+                          ("a1111.pt", "read as .safetensors only")):
+        code = main(["sample", "tiny-sd", "--embedding", str(tmp_path / name), "--prompt", "a", "--steps", "1",
+                     "--out", str(tmp_path / "s.png")])
+        assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_diffusers_embedding_answers_to_its_key_and_one_word_loads_once(tmp_path):
+    from safetensors.torch import save_file
+
+    model = load_model(ModelConfig(path="tiny-sd"))
+    width = model.text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"<cat>": torch.ones(1, width)}, str(tmp_path / "learned_embeds.safetensors"))
+    assert load_embedding_file(model, tmp_path / "learned_embeds.safetensors").token == "<cat>"
+    with pytest.raises(Exception, match="an embedding for '<cat>' is loaded already"):
+        load_embedding_file(model, tmp_path / "learned_embeds.safetensors")
+
+
+def test_merge_never_overwrites_an_embedding_and_the_copy_keeps_its_token(ti_config, tmp_path):
+    network = {"type": "lora", "rank": 4, "pivotal": True, "token": TOKEN}
+    trainer = trained(ti_config(network=network, train={"max_steps": 1}))
+    lora = trainer.run_dir.checkpoints / "final" / "run.safetensors"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "dgt.safetensors").write_bytes(b"mine")
+    assert main(["merge", "tiny-sd", str(lora), str(tmp_path / "out" / "model.safetensors")]) == 2
+    assert (tmp_path / "out" / "dgt.safetensors").read_bytes() == b"mine"  # and no merged model was written
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert main(["merge", "tiny-sd", str(lora), str(tmp_path / "folder")]) == 0
+    copy = tmp_path / "folder" / "dgt.safetensors"  # a folder output holds its embedding
+    assert load_embedding_file(load_model(ModelConfig(path="tiny-sd")), copy).token == TOKEN
+
+
+def test_lr_from_keeps_the_other_lrs_ratios_and_embedding_lr_needs_vectors(tmp_path, quick_config):
+    result = tmp_path / "find_lr.json"
+    result.write_text(json.dumps({"lr": 1e-2, "verdict": "ok"}))
+    config = quick_config(network=TI, train={"lr": 1e-3, "embedding_lr": 5e-3, "lr_from": str(result)})
+    assert (config.train.lr, config.train.embedding_lr) == (pytest.approx(1e-2), pytest.approx(5e-2))
+    with pytest.raises(ConfigError, match="train.embedding_lr is the LR of textual-inversion vectors"):
+        quick_config(train={"embedding_lr": 1e-3})
+
+
+def test_doctor_refuses_a_token_that_is_a_word_already(ti_config, tmp_path, capsys):
+    import tomli_w
+
+    from difftune.config.loading import config_to_dict
+
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps(config_to_dict(ti_config(network={**TI, "token": "a"}))))
+    (tmp_path / "captions").mkdir()
+    assert main(["doctor", str(path)]) == 2
+    assert "'a' is already a word of the text_encoder tokenizer" in capsys.readouterr().err
+
+
+def test_the_token_matches_captions_whatever_their_case(ti_config):
+    trainer = Trainer(ti_config(network={**TI, "token": "<DGT>"}), show_progress=False)  # captions say <dgt>
+    try:
+        tokenizer = trainer.model.tokenizer
+        new_ids = tokenizer.convert_tokens_to_ids(["<DGT>", "<DGT>_1"])
+        [captions] = expand_multi_vector_tokens(tokenizer, ["a <dgt> b"])
+        assert [i for i in tokenizer(captions).input_ids if i in new_ids] == new_ids  # both vectors, in order
+    finally:
+        trainer.close()

@@ -432,3 +432,14 @@ def test_the_report_shows_sample_grids_nearest_to_half_one_and_two_times_the_cho
     assert [p.name for _, p in sample_grids_near(steps_result, 80)] == ["step-000040.png", "step-000080.png"]
     page = render_report({"status": "ok", "find_steps": steps_result, "chosen": {"lr": 1e-3, "steps": 40}}, tmp_path)
     assert page.count("find-steps/samples/step-0000") == 6  # link and image of each of the three grids
+
+
+def test_a_fall_barely_above_the_noise_keeps_lr_min_below_lr_max():
+    from difftune.tuning.curve import curve_features
+
+    # a textual-inversion sweep of the tiny model: the probe loss moves by 0.3% over the whole range
+    lrs = np.geomspace(5e-5, 2.32, 15)
+    score = np.array([0.999999, 0.999995, 0.999989, 0.999992, 0.999994, 0.999983, 0.999849, 0.999369, 0.998463,
+                      0.997567, 0.997199, 0.997156, 0.997110, 0.996996, 0.996861])
+    f = curve_features(lrs, score, sigma=1.0)
+    assert f.lr_onset is not None and f.lr_flat is not None and f.lr_onset <= f.lr_flat

@@ -15,7 +15,7 @@ def generate(model_path: str, prompts: list[str], out: str | Path, *, lora: str 
              embeddings: list[str] | None = None,
              seed: int = 0, steps: int = 20, cfg_scale: float | None = None, sampler: str = "euler", negative_prompt: str = "",
              width: int | None = None, height: int | None = None, clip_skip: int = 1,
-             model_settings: dict | None = None) -> list[Path]:
+             model_settings: dict | None = None, log=print) -> list[Path]:
     """Render each prompt (seed, seed+1, ...) and save PNGs: `out` for one prompt, `out` with -N suffixes
     for several, plus a grid `out` when there are several. Returns the written paths.
 
@@ -35,16 +35,22 @@ def generate(model_path: str, prompts: list[str], out: str | Path, *, lora: str 
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "difftune sample")) from None
     model = load_model(model_config)
+    words: list[tuple[str, str]] = []
     if lora is not None:
         from difftune.network.lycoris_net import load_lora_file
-        from difftune.network.textual_inversion import load_bundled_embeddings
+        from difftune.network.textual_inversion import load_bundled_embeddings, missing_bundle_note
 
         load_lora_file(model, lora, multiplier=scale)
-        load_bundled_embeddings(model, lora)
+        words += [(f"{lora} (bundled)", ti.token) for ti in load_bundled_embeddings(model, lora)]
+        if note := missing_bundle_note(lora):
+            log(f"note: {note}")
     for path in embeddings or []:
         from difftune.network.textual_inversion import load_embedding_file
 
-        load_embedding_file(model, path)
+        words.append((path, load_embedding_file(model, path).token))
+    for source, word in words:
+        used = any(word.lower() in p.lower() for p in prompts)
+        log(f"embedding {source}: write '{word}' in the prompt" + ("" if used else " (no prompt has it: it changes nothing)"))
     resolution = model.native_resolution
     with torch.no_grad():
         images = render_samples(model, sample, resolution)

@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
     p = _sub(sub, "train", "train a model as configured", _text(
-        "Train as the config says: a full fine-tune, or a LoRA-family network when network.type is set. "
+        "Train as the config says: a full fine-tune, a LoRA-family network when network.type is set, or "
+        "textual-inversion vectors (network.type = 'textual_inversion'; network.pivotal = true with a LoRA "
+        "type: both; the export is then <token>.safetensors, the embedding file A1111/Forge and ComfyUI load). "
         "Reads the config, the model at model.path (a built-in name, a diffusers folder or a single "
         ".safetensors/.ckpt checkpoint; nothing is downloaded) and the captioned images in data.train_dir "
         "(and data.val_dir). Config and dataset problems are reported, every bad file listed, before the "
@@ -264,7 +266,7 @@ def _add_tuning_commands(sub) -> None:
         "docs/tuning.md.",
     ), epilog=_config_keys("find_lr", FindLRConfig))
     _add_config_args(p)
-    p.add_argument("--group", choices=["all", "denoiser", "text_encoder", "text_encoder_2"], default=None,
+    p.add_argument("--group", choices=["all", "denoiser", "text_encoder", "text_encoder_2", "embedding"], default=None,
                    help="whose LR to sweep (find_lr.group; default: the config's, 'all'): e.g. text_encoder sweeps "
                         "train.text_encoder_lr with the UNet held at train.lr (set it to its found value)")
     _add_json_arg(p, "the result (the content of find_lr.json)")
@@ -339,7 +341,9 @@ def _add_lora_commands(sub) -> None:
         "(`unet.<module>.lora_A/lora_B`, no alphas): what pipeline.load_lora_weights loads; it holds plain "
         "LoRA pairs only. kohya -> diffusers folds alpha/rank into lora_B; diffusers -> kohya writes "
         "alpha = rank, so converting back gives the same tensors. The file's metadata is carried over.",
-        "Reads INPUT (and, for --to diffusers with --model, that model's architecture); writes OUTPUT only.",
+        "Reads INPUT (and, for --to diffusers with --model, that model's architecture); writes OUTPUT, and, for "
+        "--to diffusers of a LoRA with bundled embeddings (pivotal tuning), each embedding as <token>.safetensors "
+        "beside it (never over an existing file).",
     ))
     p.add_argument("input", metavar="INPUT", help="the LoRA .safetensors to read (kohya or diffusers layout, detected from its keys)")
     p.add_argument("output", metavar="OUTPUT", help="where to write the converted .safetensors")
@@ -351,10 +355,12 @@ def _add_lora_commands(sub) -> None:
 
     p = _sub(sub, "merge", "bake a LoRA-family file into a model and save the full model", _text(
         "Load BASE, add LORA's update to its weights at --scale (any LoRA-family file: LoRA, LoCon, LoHa, "
-        "LoKr, OFT, ...; kohya or diffusers layout) and save the full model. OUTPUT ending in .safetensors: "
+        "LoKr, GLoKr, OFT, ...; kohya or diffusers layout) and save the full model. OUTPUT ending in .safetensors: "
         "one checkpoint in the original layout that A1111/Forge and ComfyUI load (fp16 by default); "
         "anything else: a diffusers folder, which must not exist or be empty (fp32 by default).",
-        "Reads BASE and LORA; writes OUTPUT only.",
+        "Reads BASE and LORA; writes OUTPUT, and a LoRA's bundled embeddings (pivotal tuning) as "
+        "<token>.safetensors beside a .safetensors OUTPUT or inside a folder (a checkpoint has no place for new "
+        "words; never over an existing file).",
     ))
     p.add_argument("base", metavar="BASE", help=f"the model to merge into: {model_source}")
     p.add_argument("lora", metavar="LORA", help="LoRA-family .safetensors (kohya or diffusers layout)")
@@ -380,7 +386,8 @@ def _add_lora_commands(sub) -> None:
     p.add_argument("model", metavar="MODEL", help=f"the model: {model_source}")
     p.add_argument("--prompt", dest="prompts", action="append", required=True, metavar="TEXT",
                    help="prompt to render (required; repeatable, one image each)")
-    p.add_argument("--lora", default=None, metavar="FILE", help="LoRA-family .safetensors to apply (default: none)")
+    p.add_argument("--lora", default=None, metavar="FILE", help="LoRA-family .safetensors to apply, with the "
+                   "embeddings it bundles (pivotal tuning) (default: none)")
     p.add_argument("--embedding", dest="embeddings", action="append", default=[], metavar="FILE",
                    help="textual-inversion embedding .safetensors (repeatable; default: none); write its token in "
                         "the prompt: the token difftune trained it with, else the file name")
@@ -549,8 +556,10 @@ def cmd_convert(args) -> int:
 
 
 def _say_embeddings(done: dict, why: str) -> None:
-    for path in done.get("embeddings", []):
-        print(f"the file's bundled embedding -> {path} ({why}; load it as an embedding)")
+    for e in done.get("embeddings", []):
+        print(f"the file's bundled embedding -> {e['file']} ({why}; load it as an embedding): write "
+              f"'{e['token']}' in prompts with difftune sample --embedding or diffusers' load_textual_inversion(token="
+              f"'{e['token']}'), '{e['file_name_word']}' in A1111/Forge, 'embedding:{e['file_name_word']}' in ComfyUI")
 
 
 def cmd_merge(args) -> int:

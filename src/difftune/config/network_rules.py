@@ -172,7 +172,10 @@ def check_conv(network_type: str | None, preset: str | None) -> None:
 
 
 def check_dora(network_type: str | None, dropout: float) -> None:
-    if network_type in FULL_FINETUNE_TYPES or network_type == TEXTUAL_INVERSION:
+    if network_type == TEXTUAL_INVERSION:
+        raise ValueError("network.dora decomposes a LoRA-family network's weights; textual inversion trains token "
+                         "vectors only (network.pivotal = true with a LoRA type trains both)")
+    if network_type in FULL_FINETUNE_TYPES:
         raise ValueError("network.dora needs a network.type: one of " + ", ".join(n for n, a in ALGORITHMS.items() if a.dora))
     if network_type in ALGORITHMS and not ALGORITHMS[network_type].dora:
         raise ValueError(
@@ -190,10 +193,11 @@ def check_lora_format(lora_format: str, network_type: str | None, dora: bool) ->
     algo = ALGORITHMS[network_type]
     if not algo.lora_layout:
         layout_types = ", ".join(n for n, a in ALGORITHMS.items() if a.lora_layout)
+        loaders = ("difftune loads it; merge it with `difftune merge` for UIs" if network_type == "glokr"
+                   else "ComfyUI, A1111/Forge and kohya's scripts load it")
         return (
             f"output.lora_format = '{lora_format}': the diffusers/PEFT layout cannot hold '{network_type}' weights "
-            f"(it stores plain low-rank pairs: {layout_types}); use output.lora_format = 'kohya' "
-            "(ComfyUI, A1111/Forge and kohya's scripts load it)"
+            f"(it stores plain low-rank pairs: {layout_types}); use output.lora_format = 'kohya' ({loaders})"
         )
     if dora:
         return (

@@ -304,9 +304,14 @@ class NetworkConfig(Section):
     def _one_word(cls, value: str | None) -> str | None:
         import re
 
-        if value is not None and not re.fullmatch(r"[^\s.,]+", value):
-            raise ValueError(f"{value!r}: the token must be one word without spaces, dots or commas (e.g. '<sks>'): "
-                             "captions write it, and A1111 names the bundled embedding by it")
+        if value is None:
+            return value
+        if not re.fullmatch(r"[^\s.,:]+", value):
+            raise ValueError("the token must be one word without spaces, dots, commas or colons (e.g. '<sks>'): "
+                             "captions write it, A1111 names the bundled embedding by it, and reads <name:...> as "
+                             "an extra network")
+        if not re.search(r"\w", value):
+            raise ValueError("the token needs a letter or digit (e.g. '<sks>'): the embedding file is named by them")
         return value
 
     @field_validator("preset")
@@ -617,9 +622,10 @@ class FindLRConfig(Section):
     stop_factor: float = Field(4.0, gt=1.0, description="Stop the sweep once the loss exceeds this multiple of its best.")
     edge_divisor: float = Field(4.5, gt=1.0, description="The default rule trains this factor below the LR where the "
                                 "sweep diverged (measured in bench/lr_accuracy); raise it for a more cautious LR.")
-    group: Literal["all", "denoiser", "text_encoder", "text_encoder_2"] = Field(
+    group: Literal["all", "denoiser", "text_encoder", "text_encoder_2", "embedding"] = Field(
         "all", description="Whose LR the sweep ramps: all groups at their configured ratios, or one role's (the "
-        "others stay at their configured LRs, e.g. the UNet's at its found value, to find train.text_encoder_lr).")
+        "others stay at their configured LRs, e.g. the UNet's at its found value, to find train.text_encoder_lr; "
+        "embedding: pivotal tuning's vectors, train.embedding_lr).")
 
     @model_validator(mode="after")
     def _range_increases(self) -> FindLRConfig:
@@ -690,6 +696,10 @@ class Config(Section):
             raise ValueError(problem)
         if problem := network_rules.check_textual_inversion(self.network):
             raise ValueError(problem)
+        if self.train.embedding_lr is not None and not (self.network.pivotal
+                                                        or self.network.type == network_rules.TEXTUAL_INVERSION):
+            raise ValueError("train.embedding_lr is the LR of textual-inversion vectors, which this run does not train "
+                             "(set network.type = 'textual_inversion', or network.pivotal = true)")
         if self.network.type == network_rules.TEXTUAL_INVERSION and self.train.train_text_encoder:
             raise ValueError("train.train_text_encoder with network.type = 'textual_inversion': it trains the token's "
                              "vectors only; for a LoRA on the text encoder too, set network.type = 'lora' and "

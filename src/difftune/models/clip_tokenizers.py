@@ -96,6 +96,7 @@ def expand_multi_vector_tokens(tokenizer, captions: list[str]) -> list[str]:
     out = []
     for caption in captions:
         for token, expanded in groups.items():
-            caption = re.sub(re.escape(token) + r"(?!_\d)", lambda _m, e=expanded: e, caption)
+            # CLIP lowercases text before it finds added tokens: "<SKS>" is the token "<sks>" too
+            caption = re.sub(re.escape(token) + r"(?!_\d)", lambda _m, e=expanded: e, caption, flags=re.IGNORECASE)
         out.append(caption)
     return out

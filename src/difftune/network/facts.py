@@ -58,10 +58,13 @@ def embedding_facts(config: Config, architecture) -> dict[str, Any]:
     """Textual inversion's vectors: num_vectors per text encoder of the family's embedding files."""
     from difftune.checkpoint.lora_formats import safetensors_size
     from difftune.network.lycoris_net import _save_dtype
-    from difftune.network.textual_inversion import check_family
+    from difftune.network.textual_inversion import check_family, check_new_token
 
     check_family(architecture)
     n = config.network.num_vectors
+    for role, tokenizer in getattr(architecture, "tokenizers", {}).items():
+        if tokenizer is not None and role in architecture.embedding_keys:
+            check_new_token(tokenizer, config.network.token, n, role)  # what training would refuse, said now
     widths = {key: architecture.parts[role].get_input_embeddings().weight.shape[1]
               for role, key in architecture.embedding_keys.items()}
     dtype = _save_dtype(config)

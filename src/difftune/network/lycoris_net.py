@@ -76,7 +76,9 @@ class NetworkSettings(NetworkConfig):
         return self.model_copy(update=changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.model_dump(exclude={"init_from"}), "lycoris_algo": rules.ALGORITHMS[self.type].lycoris}
+        """The file metadata's network settings (the vectors' own settings only for pivotal tuning)."""
+        ti = set() if self.pivotal else {"pivotal", *rules.TI_KEYS}
+        return {**self.model_dump(exclude={"init_from", *ti}), "lycoris_algo": rules.ALGORITHMS[self.type].lycoris}
 
     @property
     def bypass(self) -> bool:

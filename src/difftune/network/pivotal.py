@@ -32,9 +32,10 @@ class PivotalNetwork:
     @classmethod
     def for_training(cls, model: DiffusionModel, config) -> PivotalNetwork:
         network = config.network
+        vectors, note = bundled_vectors(model, network.init_from, network.token, network.num_vectors)
         ti = TextualInversion.build(model, network.token, network.num_vectors, network.init_word, config=config,
-                                    vectors=bundled_vectors(model, network.init_from, network.token,
-                                                            network.num_vectors))
+                                    vectors=vectors)
+        ti.notes += [note] if note else []
         lora = LoraFamilyNetwork.for_training(model, config)  # freezes the model's parts, trains its own
         ti.module.requires_grad_(True)
         return cls(lora, ti)
@@ -73,8 +74,18 @@ class PivotalNetwork:
 
 
 def bundled_vectors(model: DiffusionModel, path: str | None, token: str, num_vectors: int):
-    """The vectors of `token` bundled in a LoRA file to continue from (network.init_from), or None: a LoRA
-    without them starts the vectors from init_word."""
-    if path is None or not formats.read_bundle(path):
-        return None
-    return read_embedding_file(model, path, num_vectors, name=token)
+    """(vectors of `token` to continue from, a note): those bundled in the LoRA file (network.init_from), else
+    those of the embedding file difftune wrote next to it (a diffusers-layout or converted LoRA has no
+    bundle); (None, note) starts them from init_word."""
+    from difftune.network.textual_inversion import embedding_file_name
+
+    if path is None:
+        return None, None
+    if formats.read_bundle(path):
+        return read_embedding_file(model, path, num_vectors, name=token), None
+    beside = Path(path).parent / embedding_file_name(token)
+    if beside.is_file():
+        return (read_embedding_file(model, beside, num_vectors),
+                f"network.init_from: {path} bundles no vectors; '{token}' continues from {beside}")
+    return None, (f"network.init_from: {path} bundles no vectors for '{token}' (and there is no {beside.name} next "
+                  "to it): they start from network.init_word")

@@ -214,7 +214,7 @@ def token_notes(network, records) -> list[str]:
     if network.type != TEXTUAL_INVERSION and not network.pivotal:
         return []
     own = [r for r in records if not r.is_reg]
-    lacking = [r for r in own if network.token not in r.caption]
+    lacking = [r for r in own if network.token.lower() not in r.caption.lower()]  # CLIP lowercases captions
     if own and len(lacking) == len(own):
         raise ConfigError(f"network.token = '{network.token}' is in none of the {len(own)} training captions (e.g. "
                           f"{own[0].path}: {own[0].caption!r}): textual inversion trains the vectors of that word "
@@ -230,7 +230,7 @@ def check_family(model: DiffusionModel) -> None:
     if not supports_textual_inversion(model):
         raise ConfigError(f"textual inversion (network.type = 'textual_inversion' or network.pivotal) is for the CLIP "
                           f"text encoders of SD 1.x/2.x and SDXL, whose embedding files A1111/Forge and ComfyUI load; "
-                          f"{model.family} has none: train a LoRA instead")
+                          f"difftune does not train embeddings for {model.family}: train a LoRA instead")
 
 
 def check_new_token(tokenizer, token: str, num_vectors: int, role: str) -> None:
@@ -261,11 +261,7 @@ def read_embedding_file(model: DiffusionModel, path: str | Path, num_vectors: in
     """Role → (num_vectors, dim) vectors of an embedding file: A1111/ComfyUI (emb_params, clip_l/clip_g,
     string_to_param), diffusers (one key), or a LoRA file's bundle_emb keys (`name`: which bundle)."""
     check_family(model)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # not a safetensors file
-        raise formats.LoraFormatError(f"{path}: not a readable .safetensors embedding file ({e})") from None
+    tensors, _ = read_safetensors(path)
     tensors = embedding_entries(tensors, name, str(path))
     keys = model.embedding_keys
     if set(keys.values()) <= set(tensors):
@@ -273,9 +269,15 @@ def read_embedding_file(model: DiffusionModel, path: str | Path, num_vectors: in
     elif len(keys) == 1 and len(tensors) == 1:  # emb_params, string_to_param.* or a diffusers {token: tensor}
         found = {next(iter(keys)): next(iter(tensors.values()))}
     else:
-        raise formats.LoraFormatError(f"{path}: embedding tensors {sorted(tensors)}; a {model.family} embedding has "
-                                      f"{' and '.join(keys.values())}")
+        shown = sorted(tensors)[:4] + (["..."] if len(tensors) > 4 else [])
+        raise formats.LoraFormatError(f"{path}: not a {model.family} embedding ({len(tensors)} tensors: "
+                                      f"{', '.join(shown)}); one has {' and '.join(keys.values())}"
+                                      + ("; is this a LoRA file?" if len(tensors) > 4 else ""))
     for role, vectors in found.items():
+        if vectors.numel() == 0:
+            raise formats.LoraFormatError(f"{path}: {keys[role]} holds no vectors (shape {tuple(vectors.shape)})")
+        if not torch.isfinite(vectors).all():
+            raise formats.LoraFormatError(f"{path}: {keys[role]} has NaN or infinite values: a broken embedding")
         vectors = vectors.reshape(-1, vectors.shape[-1]) if vectors.dim() != 2 else vectors
         width = model.parts[role].get_input_embeddings().weight.shape[1]
         if vectors.shape[1] != width:
@@ -306,16 +308,51 @@ def bundled_names(tensors) -> list[str]:
     return sorted({k[len(BUNDLE_PREFIX):].split(".", 1)[0] for k in tensors if k.startswith(BUNDLE_PREFIX)})
 
 
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file; LoraFormatError naming the file for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise formats.LoraFormatError(f"{path}: file not found")
+    if path.suffix.lower() != ".safetensors":
+        raise formats.LoraFormatError(f"{path}: embeddings are read as .safetensors only (pickled .pt/.bin files "
+                                      "can run code); convert it, e.g. with A1111's or ComfyUI's tools")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every kind of bad file
+        raise formats.LoraFormatError(f"{path}: not a readable .safetensors file ({e}); was it fully "
+                                      "downloaded?") from None
+
+
+def file_token(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """The word an embedding file answers to: the token difftune trained it with (its metadata), a diffusers
+    file's single key (learned_embeds: {"<cat>": ...}), else the file name, as A1111 and ComfyUI call it."""
+    if "difftune_embedding" in metadata:
+        return json.loads(metadata["difftune_embedding"])["token"]
+    if len(tensors) == 1:
+        key = next(iter(tensors))
+        if key not in ("emb_params", "clip_l", "clip_g") and not key.startswith(("string_to_param", BUNDLE_PREFIX)):
+            return key
+    return Path(path).stem
+
+
 def load_embedding_file(model: DiffusionModel, path: str | Path, token: str | None = None) -> TextualInversion:
-    """Put an embedding file's vectors on `model` for sampling, under `token` (default: the token the file
-    was trained with when difftune wrote it, else its file name)."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-    if token is None:
-        token = json.loads(metadata["difftune_embedding"])["token"] if "difftune_embedding" in metadata else Path(path).stem
+    """Put an embedding file's vectors on `model` for sampling, under `token` (default: file_token)."""
+    tensors, metadata = read_safetensors(path)
+    token = token or file_token(path, tensors, metadata)
+    check_not_loaded(model, token, str(path))
     ti = TextualInversion.build(model, token, vectors=read_embedding_file(model, path))
     ti.module.requires_grad_(False)
     return ti
+
+
+def check_not_loaded(model: DiffusionModel, token: str, source: str) -> None:
+    """Two embeddings under one word: the second would be refused as 'already a word'; say what happened."""
+    for tokenizer in getattr(model, "tokenizers", {}).values():
+        added = {t.lower() for t in (getattr(tokenizer, "added_tokens_encoder", None) or {})}
+        if token.lower() in added:
+            raise formats.LoraFormatError(f"{source}: an embedding for '{token}' is loaded already (the --lora file's "
+                                          "bundled one, or another --embedding): load each once")
 
 
 def load_bundled_embeddings(model: DiffusionModel, lora_path: str | Path) -> list[TextualInversion]:
@@ -326,7 +363,20 @@ def load_bundled_embeddings(model: DiffusionModel, lora_path: str | Path) -> lis
                                       "cannot use")
     loaded = []
     for name in bundled_names(bundle):
+        check_not_loaded(model, name, str(lora_path))
         ti = TextualInversion.build(model, name, vectors=read_embedding_file(model, lora_path, name=name))
         ti.module.requires_grad_(False)
         loaded.append(ti)
     return loaded
+
+
+def missing_bundle_note(lora_path: str | Path) -> str | None:
+    """A pivotal LoRA without its bundle (the diffusers layout, a converted copy): the vectors are in the
+    embedding file written next to it."""
+    with safe_open(str(lora_path), framework="pt", device="cpu") as f:
+        metadata, keys = f.metadata() or {}, list(f.keys())
+    if "difftune_embedding" not in metadata or any(k.startswith(BUNDLE_PREFIX) for k in keys):
+        return None
+    token = json.loads(metadata["difftune_embedding"])["token"]
+    return (f"{lora_path} was trained with the embedding '{token}' (pivotal tuning), which this file does not carry: "
+            f"add --embedding {Path(lora_path).parent / embedding_file_name(token)}")

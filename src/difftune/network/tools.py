@@ -28,6 +28,8 @@ def convert_file(source: str | Path, target: str | Path, to: str, model_path: st
     table = _table(model_path, tensors)
     kohya = formats.normalise_kohya_keys(tensors) if layout == "kohya" else formats.diffusers_to_kohya(tensors, table)
     bundle = formats.read_bundle(source)
+    if bundle and to == "diffusers":
+        refuse_existing_embeddings(bundle, Path(target).parent)
     if to == "diffusers":
         out = formats.kohya_to_diffusers(kohya, table)
         meta = {**metadata, "format": "pt"}
@@ -37,22 +39,40 @@ def convert_file(source: str | Path, target: str | Path, to: str, model_path: st
     formats.write_lora_file(Path(target), out, meta, add_hash=to == "kohya")
     done = {"from": layout, "to": to, "tensors": len(out), "target": str(target)}
     if bundle and to == "diffusers":  # diffusers' LoRA layout has no place for them
-        done["embeddings"] = write_bundled_embeddings(bundle, Path(target).parent)
+        done["embeddings"] = write_bundled_embeddings(bundle, Path(target).parent, metadata)
     return done
 
 
-def write_bundled_embeddings(bundle: dict[str, torch.Tensor], folder: Path) -> list[str]:
-    """Each bundled embedding of a LoRA file as its own embedding file (<name>.safetensors) in `folder`."""
-    from difftune.network.textual_inversion import bundled_names, embedding_entries, embedding_file_name
+def embedding_targets(bundle: dict[str, torch.Tensor], folder: Path) -> dict[str, Path]:
+    from difftune.network.textual_inversion import bundled_names, embedding_file_name
+
+    return {name: folder / embedding_file_name(name) for name in bundled_names(bundle)}
+
+
+def refuse_existing_embeddings(bundle: dict[str, torch.Tensor], folder: Path) -> None:
+    """Nothing the user has is overwritten: checked before any file is written."""
+    taken = [str(path) for path in embedding_targets(bundle, folder).values() if path.exists()]
+    if taken:
+        raise formats.LoraFormatError(f"{taken[0]} exists: the LoRA's bundled embedding would be written there; move "
+                                      "it, or write the output to another folder")
+
+
+def write_bundled_embeddings(bundle: dict[str, torch.Tensor], folder: Path,
+                             metadata: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """Each bundled embedding of a LoRA file as its own embedding file (<name>.safetensors) in `folder`, with the
+    LoRA's difftune_embedding metadata (the trained token); returns each file and the word it answers to."""
+    from difftune.network.textual_inversion import embedding_entries
 
     written = []
-    for name in bundled_names(bundle):
+    for name, path in embedding_targets(bundle, folder).items():
         tensors = embedding_entries(bundle, name, "bundle")
         if list(tensors) == ["*"]:
             tensors = {"emb_params": tensors["*"]}  # SD 1.x/2.x: A1111's string_to_param.* is emb_params in files
-        path = folder / embedding_file_name(name)
-        formats.write_lora_file(path, tensors, {"modelspec.title": name}, add_hash=False)
-        written.append(str(path))
+        meta = {"modelspec.title": name}
+        if metadata and "difftune_embedding" in metadata:
+            meta["difftune_embedding"] = metadata["difftune_embedding"]
+        formats.write_lora_file(path, tensors, meta, add_hash=False)
+        written.append({"file": str(path), "token": name, "file_name_word": path.stem})
     return written
 
 
@@ -87,11 +107,15 @@ def merge_into_model(base: str, lora: str | Path, scale: float, target: str | Pa
     from difftune.models import load_model
     from difftune.network.lycoris_net import load_lora_file
 
+    target = Path(target)
+    bundle = formats.read_bundle(lora)
+    # a checkpoint has no place for new words: they stay embedding files, beside a .safetensors, in a folder
+    embedding_folder = target.parent if target.suffix.lower() == ".safetensors" else target
+    if bundle:
+        refuse_existing_embeddings(bundle, embedding_folder)
     model = load_model(ModelConfig(**{"path": base, **(model_settings or {})}))
     network = load_lora_file(model, lora, multiplier=scale, attach=False)
     network.merge(scale)
-    target = Path(target)
-    bundle = formats.read_bundle(lora)
     if target.suffix.lower() == ".safetensors":
         # fp16 for SD/SDXL checkpoints; bf16 for the flow transformers, as BFL's and StabilityAI's files are
         dtype = PRECISIONS[precision or ("bf16" if model.prediction_type == "flow" else "fp16")]
@@ -106,6 +130,6 @@ def merge_into_model(base: str, lora: str | Path, scale: float, target: str | Pa
         with atomic_directory(target) as tmp:  # never a half-written model folder; usual file permissions
             model.save_pretrained(tmp, dtype=PRECISIONS[precision or "fp32"])
     done = {"layers": len(network.loras), "scale": scale, "target": str(target)}
-    if bundle:  # a checkpoint has no place for new words: they stay embedding files, used with the merged model
-        done["embeddings"] = write_bundled_embeddings(bundle, target.parent)
+    if bundle:
+        done["embeddings"] = write_bundled_embeddings(bundle, embedding_folder, formats.read_lora_file(lora)[1])
     return done

@@ -74,7 +74,8 @@ def optimizer_warnings(config: Config, total_steps: int) -> list[str]:
     spec = get_spec(name)
     warnings = []
     lrs = effective_lrs(train)
-    unet_lr = lrs["denoiser"]
+    # textual inversion alone trains its vectors only: their LR is the one to judge
+    unet_lr = lrs["embedding"] if lr_kind(config.network) == "embedding" else lrs["denoiser"]
     if spec.lr_free:
         if train.lr != 1.0:
             warnings.append(

@@ -223,7 +223,8 @@ def curve_features(lrs: np.ndarray, score: np.ndarray, sigma: float = 1.0) -> Cu
         if onset is not None and min_index >= onset:
             level = s[min_index] + max(floor, FLAT_FRACTION * fall)
             flat = onset + int(np.flatnonzero(s[onset : min_index + 1] <= level)[0])
-            lr_flat = _crossing(lrs, s, flat, level)
+            # a fall barely above the noise has its flat level above the onset's: it cannot end before it starts
+            lr_flat = max(_crossing(lrs, s, flat, level), lr_onset)
         if min_index < usable - 1 and np.max(s[min_index:]) > s[min_index] + floor:
             rose_after = True
     edge = _edge_index(score, s, min_index, floor) if onset is not None else None

@@ -103,7 +103,8 @@ def group_role(name: str) -> str:
     return name.split(" x", 1)[0]
 
 
-LR_KEYS = {"all": "lr", "denoiser": "lr", "text_encoder": "text_encoder_lr", "text_encoder_2": "text_encoder_2_lr"}
+LR_KEYS = {"all": "lr", "denoiser": "lr", "text_encoder": "text_encoder_lr", "text_encoder_2": "text_encoder_2_lr",
+           "embedding": "embedding_lr"}
 """The train key a sweep's recommendation is for, by find_lr.group."""
 
 
@@ -112,7 +113,7 @@ def swept_base_lr(config: Config) -> float:
     train, group = config.train, config.find_lr.group
     te = train.text_encoder_lr if train.text_encoder_lr is not None else train.lr
     return {"text_encoder": te, "text_encoder_2": train.text_encoder_2_lr if train.text_encoder_2_lr is not None
-            else te}.get(group, train.lr)
+            else te, "embedding": train.embedding_lr or train.lr}.get(group, train.lr)
 
 
 def check_group(config: Config, roles: list[str]) -> None:
@@ -123,8 +124,12 @@ def check_group(config: Config, roles: list[str]) -> None:
     if group == "all":
         return
     if group not in roles:
+        hint = ("set train.train_text_encoder to train a text encoder, or " if group.startswith("text_encoder")
+                else "")
         raise ConfigError(f"find_lr.group = '{group}': this run does not train it (it trains {', '.join(roles)}); "
-                          f"set train.train_text_encoder to train a text encoder, or find_lr.group = 'all'")
+                          f"{hint}use find_lr.group = 'all'")
+    if roles == [group]:
+        raise ConfigError(f"find_lr.group = '{group}': it is all this run trains; use find_lr.group = 'all'")
 
 
 def snapshot(trainer) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """`train.lr_from = "runs/x/find-lr/find_lr.json"`: take the LR (or cyclic bounds) from a find-lr result.
 
-A sweep of one text encoder's LR (`find_lr.group = "text_encoder"`, the result's `lr_key`) sets
-`train.text_encoder_lr` (or text_encoder_2_lr) instead, leaving train.lr as configured.
+A sweep of all groups together keeps their configured ratios, so the other explicit LRs
+(text_encoder_lr, text_encoder_2_lr, embedding_lr) move with train.lr. A sweep of one role's LR
+(`find_lr.group`, the result's `lr_key`) sets that key instead (`train.text_encoder_lr`, ...), leaving
+train.lr as configured.
 
 Resolved once when the config is validated, so everything downstream (doctor, schedule preview, the
 resolved config in the run directory) sees the numbers actually trained with. For
@@ -41,9 +43,9 @@ def apply_lr_from(config: Config, source: str) -> None:
         raise ConfigError(f"{key}: not a find-lr result (no 'lr' key; expected the find_lr.json of `difftune find-lr`)")
     verdict = result.get("verdict")
     lr_key = str(result.get("lr_key", "train.lr")).removeprefix("train.")
-    if lr_key not in ("lr", "text_encoder_lr", "text_encoder_2_lr"):
+    if lr_key not in ("lr", *OTHER_LRS):
         raise ConfigError(f"{key}: lr_key {lr_key!r} is not an LR difftune sweeps; was the file edited?")
-    if lr_key != "lr":  # a sweep of one text encoder's LR (find_lr.group) with the UNet's held
+    if lr_key != "lr":  # a sweep of one role's LR (find_lr.group) with the others held
         lr = _learning_rate(result, "lr", key)
         if lr is None:
             raise ConfigError(f"{key}: that sweep recommends no {lr_key} (verdict: {verdict})")
@@ -56,12 +58,25 @@ def apply_lr_from(config: Config, source: str) -> None:
                 f"{key}: train.lr_scheduler = 'cyclic' needs lr_min < lr_max from the sweep, the file has "
                 f"lr_min = {low}, lr_max = {high} (verdict: {verdict})"
             )
+        _keep_ratios(config, high)
         config.train.lr_min, config.train.lr = low, high
         return
     lr = _learning_rate(result, "lr", key)
     if lr is None:
         raise ConfigError(f"{key}: that sweep recommends no LR (verdict: {verdict})")
+    _keep_ratios(config, lr)
     config.train.lr = lr
+
+
+OTHER_LRS = ("text_encoder_lr", "text_encoder_2_lr", "embedding_lr")
+
+
+def _keep_ratios(config: Config, lr: float) -> None:
+    """The sweep ramped every group at its configured ratio to train.lr: the other explicit LRs move with it."""
+    for other in OTHER_LRS:
+        value = getattr(config.train, other)
+        if value is not None:
+            setattr(config.train, other, value * lr / config.train.lr)
 
 
 def _learning_rate(result: dict, name: str, key: str) -> float | None:

@@ -59,3 +59,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def interrupted_then_resumed(config, save_name: str, run_dir) -> None:
+    """Train `config`, crash right after the save `save_name` (KeyboardInterrupt, as a kill would leave it),
+    then continue with --resume: what resume tests compare with an uninterrupted run."""
+    import pytest as _pytest
+
+    from difftune.training import loop
+
+    original = loop.Trainer._save
+
+    def crash_after(self, name, **kwargs):
+        original(self, name, **kwargs)
+        if name == save_name:
+            raise KeyboardInterrupt
+
+    loop.Trainer._save = crash_after
+    try:
+        with _pytest.raises(KeyboardInterrupt):
+            loop.train(config, show_progress=False)
+    finally:
+        loop.Trainer._save = original
+    loop.train(config, resume=run_dir, show_progress=False)

@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-from conftest import quick_config_dict
+from conftest import interrupted_then_resumed, quick_config_dict
 from difftune.config.loading import validate_config
 from difftune.errors import ConfigError
 from difftune.reporting.metrics import read_metrics
@@ -128,22 +128,7 @@ def test_resume_with_the_text_cache_is_bit_exact(digits_dir, tmp_path):
     whole = validate_config(quick_config_dict(digits_dir, tmp_path / "whole", **sections), "test")
     train(whole, show_progress=False)
     part = validate_config(quick_config_dict(digits_dir, tmp_path / "part", **sections), "test")
-    from difftune.training import loop
-
-    original = loop.Trainer._save
-
-    def crash_after_first_save(self, name, **kwargs):
-        original(self, name, **kwargs)
-        if name == "step-000002":
-            raise KeyboardInterrupt
-
-    loop.Trainer._save = crash_after_first_save
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(part, show_progress=False)
-    finally:
-        loop.Trainer._save = original
-    train(part, resume=tmp_path / "part", show_progress=False)
+    interrupted_then_resumed(part, "step-000002", tmp_path / "part")
 
     def record(run):
         return [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(tmp_path / run / "metrics.jsonl")]

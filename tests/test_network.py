@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import interrupted_then_resumed
 from difftune.checkpoint import lora_formats as formats
 from difftune.cli.main import main
 from difftune.config.loading import ConfigError
@@ -191,20 +192,7 @@ def test_resume_with_a_network_is_bit_exact(quick_config, tmp_path, network_type
     whole = quick_config(output={"dir": str(tmp_path / "whole"), "save_every_n_steps": 2}, **common)
     train(whole, show_progress=False)
     part = quick_config(output={"dir": str(tmp_path / "part"), "save_every_n_steps": 2}, **common)
-    original = Trainer._save
-
-    def crash_after_first_save(self, name):
-        original(self, name)
-        if name == "step-000002":
-            raise KeyboardInterrupt
-
-    Trainer._save = crash_after_first_save
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(part, show_progress=False)
-    finally:
-        Trainer._save = original
-    train(part, resume=tmp_path / "part", show_progress=False)
+    interrupted_then_resumed(part, "step-000002", tmp_path / "part")
     a = load_file(tmp_path / "whole/checkpoints/final/whole.safetensors")
     b = load_file(tmp_path / "part/checkpoints/final/part.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

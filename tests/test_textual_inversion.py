@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import interrupted_then_resumed
 from difftune.cli.main import main
 from difftune.config.loading import ConfigError
 from difftune.config.schema import ModelConfig
@@ -176,20 +177,7 @@ def test_resume_with_textual_inversion_is_bit_exact(ti_config, tmp_path):
     whole = ti_config(output={"dir": str(tmp_path / "whole"), "save_every_n_steps": 2}, **common)
     train(whole, show_progress=False)
     part = ti_config(output={"dir": str(tmp_path / "part"), "save_every_n_steps": 2}, **common)
-    original = Trainer._save
-
-    def crash_after_first_save(self, name):
-        original(self, name)
-        if name == "step-000002":
-            raise KeyboardInterrupt
-
-    Trainer._save = crash_after_first_save
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(part, show_progress=False)
-    finally:
-        Trainer._save = original
-    train(part, resume=tmp_path / "part", show_progress=False)
+    interrupted_then_resumed(part, "step-000002", tmp_path / "part")
     a = load_file(tmp_path / "whole/checkpoints/final/dgt.safetensors")
     b = load_file(tmp_path / "part/checkpoints/final/dgt.safetensors")
     assert torch.equal(a["emb_params"], b["emb_params"])

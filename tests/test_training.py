@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import interrupted_then_resumed
 from difftune.config.loading import ConfigError, load_config
 from difftune.errors import CheckpointError
 from difftune.reporting.metrics import read_metrics
@@ -57,22 +58,7 @@ def test_resume_is_bit_exact(quick_config, tmp_path):
     train(whole, show_progress=False)
     # The interrupted run: the same config stopped after step 4 (a crash right after the save).
     part = quick_config(output={"dir": str(tmp_path / "part"), "save_every_n_steps": 4}, train=common["train"])
-    from difftune.training import loop
-
-    original = loop.Trainer._save
-
-    def crash_after_first_save(self, name):
-        original(self, name)
-        if name == "step-000004":
-            raise KeyboardInterrupt
-
-    loop.Trainer._save = crash_after_first_save
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(part, show_progress=False)
-    finally:
-        loop.Trainer._save = original
-    train(part, resume=tmp_path / "part", show_progress=False)
+    interrupted_then_resumed(part, "step-000004", tmp_path / "part")
     a, b = unet_weights(tmp_path / "whole/checkpoints/final"), unet_weights(tmp_path / "part/checkpoints/final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert losses(tmp_path / "whole") == losses(tmp_path / "part")

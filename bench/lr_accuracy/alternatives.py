@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.lr_accuracy.problems import PROBLEMS  # noqa: E402
-from bench.lr_accuracy.runs import _setup_process, cached, sweep_run  # noqa: E402
+from bench.lr_accuracy.runs import _setup_process, cached, sweep_run, validated_run  # noqa: E402
 
 SEEDS = (1, 2)
 PRODIGY = {"name": "prodigy", "betas": [0.9, 0.999], "weight_decay": 0.0, "d_coef": 1.0,
@@ -69,7 +69,6 @@ def variants(sweep: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def variant_run(problem_name: str, work: str, variant: str, changes: dict, seed: int) -> dict[str, Any]:
     """The problem's config with `changes`, trained for its budget, validated 20 times."""
     from difftune.config.loading import validate_config
-    from difftune.training.loop import Trainer, TrainingDiverged
 
     problem = PROBLEMS[problem_name]
     data = problem.config(Path(work))
@@ -78,25 +77,8 @@ def variant_run(problem_name: str, work: str, variant: str, changes: dict, seed:
         data["optimizer"] = dict(changes["optimizer"])
     data["output"]["dir"] = str(Path(work) / "runs" / f"{problem_name}-{variant}-s{seed}")
     config = validate_config(data, f"{problem_name} {variant}")
-    started = time.perf_counter()
-    trainer = Trainer(config, show_progress=False)
-    every = max(1, problem.steps // 20)
-    curve = [(0, trainer.validate()["val_loss"])]
-    groups = trainer.step_groups()
-    diverged = False
-    try:
-        for step in range(1, problem.steps + 1):
-            trainer.train_step(next(groups))
-            if step % every == 0 or step == problem.steps:
-                curve.append((step, trainer.validate()["val_loss"]))
-    except TrainingDiverged:
-        diverged = True
-    finally:
-        trainer.close()
-    finite = [v for _, v in curve if math.isfinite(v)]
-    return {"problem": problem_name, "variant": variant, "seed": seed, "changes": changes, "curve": curve,
-            "best_val_loss": min(finite) if finite and not diverged else math.inf, "diverged": diverged,
-            "seconds": time.perf_counter() - started}
+    return {"problem": problem_name, "variant": variant, "seed": seed, "changes": changes,
+            **validated_run(config, problem.steps)}
 
 
 def baselines(results: Path) -> dict[str, dict[str, Any]]:

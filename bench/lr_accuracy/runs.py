@@ -58,39 +58,43 @@ def constant_run(problem_name: str, work: str, lr: float, seed: int) -> dict[str
     from bench.lr_accuracy.problems import PROBLEMS
 
     from difftune.config.loading import validate_config
-    from difftune.training.loop import Trainer, TrainingDiverged
 
     problem = PROBLEMS[problem_name]
     data = problem.config(Path(work))
     data["train"].update({"lr": lr, "seed": seed, "max_steps": problem.steps, "lr_scheduler": "constant"})
     data["output"]["dir"] = str(Path(work) / "runs" / f"{problem_name}-lr{lr:g}-s{seed}")
     config = validate_config(data, f"{problem_name} grid run")
+    return {"problem": problem_name, "lr": lr, "seed": seed, "steps": problem.steps,
+            **validated_run(config, problem.steps)}
+
+
+def validated_run(config, steps: int) -> dict[str, Any]:
+    """Train `config` for `steps`, validating 20 times: the curve, its best loss (inf when it diverged) and
+    the time taken."""
+    from difftune.training.loop import Trainer, TrainingDiverged
+
     started = time.perf_counter()
     trainer = Trainer(config, show_progress=False)
-    every = max(1, problem.steps // 20)
+    every = max(1, steps // 20)
     curve = [(0, trainer.validate()["val_loss"])]
     groups = trainer.step_groups()
     diverged = False
     train_seconds = 0.0
     try:
-        for step in range(1, problem.steps + 1):
+        for step in range(1, steps + 1):
             t0 = time.perf_counter()
             trainer.train_step(next(groups))
             train_seconds += time.perf_counter() - t0
-            if step % every == 0 or step == problem.steps:
+            if step % every == 0 or step == steps:
                 curve.append((step, trainer.validate()["val_loss"]))
     except TrainingDiverged:
         diverged = True
     finally:
         trainer.close()  # built and stepped by hand, never run(): release the run directory
     finite = [v for _, v in curve if math.isfinite(v)]
-    result = {
-        "problem": problem_name, "lr": lr, "seed": seed, "steps": problem.steps,
-        "curve": curve, "best_val_loss": min(finite) if finite and not diverged else math.inf,
-        "best_step": min(curve, key=lambda sv: sv[1])[0] if finite else None, "diverged": diverged,
-        "seconds": time.perf_counter() - started, "train_seconds": train_seconds,
-    }
-    return result
+    return {"curve": curve, "best_val_loss": min(finite) if finite and not diverged else math.inf,
+            "best_step": min(curve, key=lambda sv: sv[1])[0] if finite else None, "diverged": diverged,
+            "seconds": time.perf_counter() - started, "train_seconds": train_seconds}
 
 
 @cached

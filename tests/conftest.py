@@ -82,3 +82,15 @@ def interrupted_then_resumed(config, save_name: str, run_dir) -> None:
     finally:
         loop.Trainer._save = original
     loop.train(config, resume=run_dir, show_progress=False)
+
+
+def unet_outputs(model):
+    """The denoiser's output for fixed latents, timesteps and prompts (the text encoder included): two models
+    or one model before and after give equal outputs exactly when their weights act the same."""
+    import torch
+
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        latents = torch.randn(2, 4, 8, 8, generator=generator)
+        conditioning = model.encode_text(["a handwritten 3", "a handwritten 7"])
+        return model.predict(latents, torch.tensor([50, 700]), conditioning)

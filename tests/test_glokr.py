@@ -11,6 +11,7 @@ import torch.nn as nn
 from lycoris.functional import factorization
 from safetensors.torch import load_file, save_file
 
+from conftest import unet_outputs as outputs
 from difftune.checkpoint import lora_formats as formats
 from difftune.cli.main import main
 from difftune.config.loading import ConfigError, validate_config
@@ -25,15 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # alpha != rank and conv settings != linear ones: a scale applied twice, or the wrong one, shows.
 NETWORK = {"type": "glokr", "rank": 2, "alpha": 1, "conv_rank": 4, "conv_alpha": 8}
-
-
-@torch.no_grad()
-def outputs(model):
-    """UNet output for fixed latents, timesteps and prompts (text encoder included)."""
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, 8, 8, generator=generator)
-    conditioning = model.encode_text(["a handwritten 3", "a handwritten 7"])
-    return model.predict(latents, torch.tensor([50, 700]), conditioning)
 
 
 def tiny():

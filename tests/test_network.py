@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import interrupted_then_resumed
+from conftest import unet_outputs as outputs
 from difftune.checkpoint import lora_formats as formats
 from difftune.cli.main import main
 from difftune.config.loading import ConfigError
@@ -41,15 +42,6 @@ def train_network(quick_config, steps=2, train_text_encoder=True, **sections):
 
 def final_file(trainer, name="run.safetensors"):
     return trainer.run_dir.checkpoints / "final" / name
-
-
-@torch.no_grad()
-def outputs(model):
-    """UNet output for fixed latents, timesteps and prompts (text encoder included)."""
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, 8, 8, generator=generator)
-    conditioning = model.encode_text(["a handwritten 3", "a handwritten 7"])
-    return model.predict(latents, torch.tensor([50, 700]), conditioning)
 
 
 @pytest.mark.parametrize("network", [{"type": t} for t in TYPES] + [{"type": "lora", "dora": True}])

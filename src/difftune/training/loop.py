@@ -376,11 +376,9 @@ class Trainer:
             )
         if self.metrics is not None:
             self.metrics.log_image("samples", self.run_dir.samples / f"{name}.png", self.state.step)
-        from difftune.reporting.digit_score import digit_score, prompted_digit
+        from difftune.reporting.digit_score import digit_score
 
-        if all(prompted_digit(p) is not None for p in self.config.sample.prompts):
-            return digit_score(images, self.config.sample.prompts)
-        return None
+        return digit_score(images, self.config.sample.prompts)
 
     def _save(self, name: str, with_state: bool = True) -> None:
         """Training state as trained (written first), then the export with the weights users should get."""

@@ -20,6 +20,7 @@ kohya-file write and read passes through that layout, so the rest works on LyCOR
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
@@ -282,22 +283,26 @@ def _as_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------- files
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """(tensors, metadata, layout) of a .safetensors LoRA file."""
+    """(tensors, metadata, layout) of a .safetensors LoRA file (bundled embeddings left out)."""
+    tensors, metadata = read_safetensors(path, "LoRA files")
+    tensors, _ = split_bundle(tensors)
+    return tensors, metadata, detect_layout(tensors, str(path))
+
+
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a user's .safetensors file (`what` it should be, for the messages); a
+    LoraFormatError naming the file when it is missing, pickled or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise LoraFormatError(f"{path}: file not found")
     if path.suffix.lower() != ".safetensors":
-        raise LoraFormatError(f"{path}: LoRA files are read as .safetensors only (pickled .pt/.ckpt files can run code)")
-    tensors = {}
+        raise LoraFormatError(f"{path}: {what} are read as .safetensors only (pickled .pt/.ckpt/.bin files can run "
+                              "code); convert it to .safetensors first")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise LoraFormatError(f"{path}: not a readable .safetensors file ({e}); was it fully downloaded?") from e
-    tensors, _ = split_bundle(tensors)
-    return tensors, metadata, detect_layout(tensors, str(path))
 
 
 BUNDLE_PREFIX = "bundle_emb."
@@ -311,10 +316,30 @@ def split_bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return ({k: v for k, v in tensors.items() if k not in bundle} if bundle else tensors), bundle
 
 
+def read_header(path: str | Path) -> tuple[list[str], dict[str, str]]:
+    """(tensor names, metadata) of a .safetensors file, without reading its tensors."""
+    with _opened(path) as f:
+        return list(f.keys()), dict(f.metadata() or {})
+
+
 def read_bundle(path: str | Path) -> dict[str, torch.Tensor]:
     """The bundle_emb tensors of a LoRA file (empty when it has none)."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with _opened(path) as f:
         return {k: f.get_tensor(k) for k in f.keys() if k.startswith(BUNDLE_PREFIX)}
+
+
+@contextlib.contextmanager
+def _opened(path: str | Path):
+    """safe_open with read_safetensors' errors for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFormatError(f"{path}: file not found")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise LoraFormatError(f"{path}: not a readable .safetensors file ({e}); was it fully downloaded?") from e
+    with handle as f:
+        yield f
 
 
 def read_as_kohya(path: str | Path, table: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from difftune.checkpoint import lora_formats as formats
 from difftune.config.network_rules import EMBEDDING_ROLE, TEXTUAL_INVERSION
@@ -87,10 +86,6 @@ class _EncoderHooks:
         new = (ids >= self.first_id) & (ids < self.first_id + count)
         rows = self.parameter.to(output.dtype)[(ids - self.first_id).clamp(0, count - 1)]
         return torch.where(new.unsqueeze(-1), rows, output)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 class TextualInversion:
@@ -201,12 +196,6 @@ class TextualInversion:
                 "init_word": self.init_word, "trains": self.trained_roles(), "encoders": list(self.module.vectors),
                 "trainable_parameters": sum(p.numel() for p in self.module.parameters())}
 
-    def remove(self) -> None:
-        """Take the hooks off (the tokens stay in the tokenizers: transformers cannot remove added tokens)."""
-        for hooks in self._hooks:
-            hooks.remove()
-        self._hooks = []
-
 
 def token_notes(network, records) -> list[str]:
     """The token must be in the training captions (the vectors only learn where it appears): none is an
@@ -257,11 +246,14 @@ def initial_vectors(model: DiffusionModel, role: str, token: str, num_vectors: i
 
 # ------------------------------------------------------------------------------------ from files
 def read_embedding_file(model: DiffusionModel, path: str | Path, num_vectors: int | None = None,
-                        name: str | None = None) -> dict[str, torch.Tensor]:
+                        name: str | None = None, tensors: dict[str, torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor]:
     """Role → (num_vectors, dim) vectors of an embedding file: A1111/ComfyUI (emb_params, clip_l/clip_g,
-    string_to_param), diffusers (one key), or a LoRA file's bundle_emb keys (`name`: which bundle)."""
+    string_to_param), diffusers (one key), or a LoRA file's bundle_emb keys (`name`: which bundle).
+    `tensors`: the file's, when the caller has read it already."""
     check_family(model)
-    tensors, _ = read_safetensors(path)
+    if tensors is None:
+        tensors, _ = formats.read_safetensors(path, "embeddings")
     tensors = embedding_entries(tensors, name, str(path))
     keys = model.embedding_keys
     if set(keys.values()) <= set(tensors):
@@ -308,22 +300,6 @@ def bundled_names(tensors) -> list[str]:
     return sorted({k[len(BUNDLE_PREFIX):].split(".", 1)[0] for k in tensors if k.startswith(BUNDLE_PREFIX)})
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a .safetensors file; LoraFormatError naming the file for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise formats.LoraFormatError(f"{path}: file not found")
-    if path.suffix.lower() != ".safetensors":
-        raise formats.LoraFormatError(f"{path}: embeddings are read as .safetensors only (pickled .pt/.bin files "
-                                      "can run code); convert it, e.g. with A1111's or ComfyUI's tools")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every kind of bad file
-        raise formats.LoraFormatError(f"{path}: not a readable .safetensors file ({e}); was it fully "
-                                      "downloaded?") from None
-
-
 def file_token(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """The word an embedding file answers to: the token difftune trained it with (its metadata), a diffusers
     file's single key (learned_embeds: {"<cat>": ...}), else the file name, as A1111 and ComfyUI call it."""
@@ -338,10 +314,10 @@ def file_token(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dic
 
 def load_embedding_file(model: DiffusionModel, path: str | Path, token: str | None = None) -> TextualInversion:
     """Put an embedding file's vectors on `model` for sampling, under `token` (default: file_token)."""
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = formats.read_safetensors(path, "embeddings")
     token = token or file_token(path, tensors, metadata)
     check_not_loaded(model, token, str(path))
-    ti = TextualInversion.build(model, token, vectors=read_embedding_file(model, path))
+    ti = TextualInversion.build(model, token, vectors=read_embedding_file(model, path, tensors=tensors))
     ti.module.requires_grad_(False)
     return ti
 
@@ -364,7 +340,8 @@ def load_bundled_embeddings(model: DiffusionModel, lora_path: str | Path) -> lis
     loaded = []
     for name in bundled_names(bundle):
         check_not_loaded(model, name, str(lora_path))
-        ti = TextualInversion.build(model, name, vectors=read_embedding_file(model, lora_path, name=name))
+        ti = TextualInversion.build(model, name, vectors=read_embedding_file(model, lora_path, name=name,
+                                                                             tensors=bundle))
         ti.module.requires_grad_(False)
         loaded.append(ti)
     return loaded
@@ -373,8 +350,7 @@ def load_bundled_embeddings(model: DiffusionModel, lora_path: str | Path) -> lis
 def missing_bundle_note(lora_path: str | Path) -> str | None:
     """A pivotal LoRA without its bundle (the diffusers layout, a converted copy): the vectors are in the
     embedding file written next to it."""
-    with safe_open(str(lora_path), framework="pt", device="cpu") as f:
-        metadata, keys = f.metadata() or {}, list(f.keys())
+    keys, metadata = formats.read_header(lora_path)
     if "difftune_embedding" not in metadata or any(k.startswith(BUNDLE_PREFIX) for k in keys):
         return None
     token = json.loads(metadata["difftune_embedding"])["token"]

@@ -108,6 +108,7 @@ def merge_into_model(base: str, lora: str | Path, scale: float, target: str | Pa
     from difftune.network.lycoris_net import load_lora_file
 
     target = Path(target)
+    _, metadata = formats.read_header(lora)
     bundle = formats.read_bundle(lora)
     # a checkpoint has no place for new words: they stay embedding files, beside a .safetensors, in a folder
     embedding_folder = target.parent if target.suffix.lower() == ".safetensors" else target
@@ -131,5 +132,5 @@ def merge_into_model(base: str, lora: str | Path, scale: float, target: str | Pa
             model.save_pretrained(tmp, dtype=PRECISIONS[precision or "fp32"])
     done = {"layers": len(network.loras), "scale": scale, "target": str(target)}
     if bundle:
-        done["embeddings"] = write_bundled_embeddings(bundle, embedding_folder, formats.read_lora_file(lora)[1])
+        done["embeddings"] = write_bundled_embeddings(bundle, embedding_folder, metadata)
     return done

@@ -347,6 +347,35 @@ def test_auto_end_to_end_and_the_final_model_equals_the_best_checkpoint(digits_d
     assert "chosen: lr" in out and "report:" in out
 
 
+def test_auto_compares_with_prodigy_on_the_same_budget_when_asked(digits_dir, tmp_path, capsys):
+    data = quick_config_dict(
+        digits_dir, tmp_path / "run", train={"max_steps": 12, "seed": 7}, optimizer={"name": "adamw", "weight_decay": 0.05},
+        find_lr=SWEEP, find_steps={"every_n_steps": 4}, auto={"compare_prodigy": True},
+    )
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(data))
+    code = main(["auto", str(config), "--no-progress", "--json", str(tmp_path / "a.json")])
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert code == 0, out
+    prodigy = result["prodigy"]
+    # trained as users pick Prodigy (lr 1, OneTrainer's settings), not with the configured AdamW's settings
+    resolved = tomllib.loads((tmp_path / "run" / "compare-prodigy" / "config.resolved.toml").read_text())
+    assert resolved["optimizer"]["name"] == "prodigy" and resolved["optimizer"]["weight_decay"] == 0.0
+    assert resolved["optimizer"]["d_coef"] == 1.0 and resolved["train"]["lr"] == 1.0
+    assert resolved["train"]["seed"] == 7
+    # the same budget and cadence as find-steps' run, so the two curves are comparable point for point
+    ours = result["find_steps"]
+    assert prodigy["result"]["max_steps"] == ours["max_steps"] and prodigy["result"]["every_n_steps"] == 4
+    assert [p["step"] for p in prodigy["result"]["curve"]][:2] == [p["step"] for p in ours["curve"]][:2]
+    assert prodigy["best_loss"] == min(p["val_loss"] for p in prodigy["result"]["curve"])
+    assert prodigy["find_lr_better_by"] == pytest.approx((prodigy["best_loss"] - ours["best_loss"]) / ours["best_loss"])
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Prodigy, same budget" in report and "compare-prodigy/find_steps.png" in report
+    assert "Prodigy, same budget: best validation loss" in out
+    assert result["chosen"]["lr"] == result["find_lr"]["lr"]  # the choice stays find-lr's
+
+
 def test_tuners_keep_each_text_encoders_lr_ratio():
     from difftune.config.loading import load_config
     from difftune.tuning.common import constant_lr_changes

@@ -37,12 +37,13 @@ if str(ROOT) not in sys.path:
 from bench.lr_accuracy.problems import PROBLEMS  # noqa: E402
 from bench.lr_accuracy.runs import _setup_process, cached, sweep_run, validated_run  # noqa: E402
 
+from difftune.optim.optimizers import PRODIGY_AS_RECOMMENDED  # noqa: E402
+
 SEEDS = (1, 2)
-PRODIGY = {"name": "prodigy", "betas": [0.9, 0.999], "weight_decay": 0.0, "d_coef": 1.0,
-           "use_bias_correction": False, "safeguard_warmup": False}
+PRODIGY = PRODIGY_AS_RECOMMENDED
 DADAPT = {"name": "dadapt_adam"}
 CYCLES = 2
-REPORTS = ("lr_accuracy.json", "lr_accuracy_flow.json")
+REPORTS = ("lr_accuracy.json", "lr_accuracy_flow.json", "lr_accuracy_more.json")
 """The find-lr sweeps and check runs the alternatives are compared with."""
 
 
@@ -138,12 +139,32 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{key}: best {runs[key]['best_val_loss']:.5g} in {runs[key]['seconds']:.0f}s")
     finally:
         pool.shutdown()
-    report = build_report(names, base, runs)
-    report["wall_seconds"] = time.perf_counter() - started
+    report = merged(results / "lr_alternatives.json", build_report(names, base, runs))
+    report["wall_seconds"] = {**report.get("wall_seconds", {}), ",".join(names): time.perf_counter() - started}
     (results / "lr_alternatives.json").write_text(json.dumps(report, indent=2) + "\n")
     (results / "lr_alternatives.md").write_text(format_table(report) + "\n")
     print(format_table(report))
     return 0
+
+
+def merged(path: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """`report` with the problems of the report already at `path` that this run did not train, so a run
+    of some problems adds to the results rather than replacing them (wall seconds are kept per run)."""
+    if not path.is_file():
+        return report
+    old = json.loads(path.read_text())
+    problems = {**{n: e for n, e in old["problems"].items() if n not in report["problems"]}, **report["problems"]}
+    seconds = old.get("wall_seconds", {})
+    if not isinstance(seconds, dict):  # one number, from a run of every problem before this was kept per run
+        seconds = {",".join(old["problems"]): seconds}
+    return {**summary(problems), "wall_seconds": seconds}
+
+
+def summary(problems: dict[str, Any]) -> dict[str, Any]:
+    wins = {v: [n for n, e in problems.items() if v in e["variants"] and e["variants"][v]["find_lr_better_by"] > 0]
+            for v in ("prodigy", "dadapt_adam", "clr_triangular", "clr_triangular2")}
+    return {"description": __doc__.split("\n\n")[0], "problems": problems,
+            "find_lr_beats": {v: f"{len(w)}/{len(problems)}" for v, w in wins.items()}}
 
 
 def build_report(names, base, runs) -> dict[str, Any]:
@@ -174,10 +195,7 @@ def build_report(names, base, runs) -> dict[str, Any]:
             entry["seconds"] = {"sweep": sweep["bench"]["seconds"], "run": own["seconds"], "prodigy": prodigy["seconds"]}
             entry["auto_cost_vs_prodigy"] = (sweep["bench"]["seconds"] + own["seconds"]) / prodigy["seconds"]
         problems[name] = entry
-    wins = {v: [n for n, e in problems.items() if v in e["variants"] and e["variants"][v]["find_lr_better_by"] > 0]
-            for v in ("prodigy", "dadapt_adam", "clr_triangular", "clr_triangular2")}
-    return {"description": __doc__.split("\n\n")[0], "problems": problems,
-            "find_lr_beats": {v: f"{len(w)}/{len(problems)}" for v, w in wins.items()}}
+    return summary(problems)
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -666,6 +666,10 @@ class AutoConfig(Section):
     sweep_text_encoder: bool = Field(
         True, description="When a text encoder trains: after the first sweep, sweep each text encoder's LR with the "
         "UNet's held at its found value (find_lr.group), instead of keeping the configured ratio.")
+    compare_prodigy: bool = Field(
+        False, description="Also train Prodigy (lr 1, OneTrainer's recommended settings) for find-steps' budget, with "
+        "the same seed, data and validation, into <output.dir>/compare-prodigy, and show both in report.html: what "
+        "the LR search bought on this setup (one more training run).")
 
 
 class Config(Section):

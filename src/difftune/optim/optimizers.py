@@ -129,6 +129,12 @@ def _po(cls_name: str) -> Callable[[], Factory]:
     return load
 
 
+PRODIGY_AS_RECOMMENDED = {"name": "prodigy", "betas": [0.9, 0.999], "weight_decay": 0.0, "d_coef": 1.0,
+                          "use_bias_correction": False, "safeguard_warmup": False}
+"""Prodigy as OneTrainer's optimizer guide recommends it to users with no idea of the LR (lr 1): what
+`auto.compare_prodigy` and bench/lr_accuracy/alternatives.py compare find-lr with."""
+
+
 def _prodigy() -> Factory:
     # prodigyopt is the reference implementation kohya, EveryDream2 and OneTrainer users run, with
     # its setting names (use_bias_correction, decouple, safeguard_warmup, d_coef, ...).

@@ -8,6 +8,7 @@
    it again into `<output.dir>/final/`; `auto.add_validation_back = true` retrains with the validation
    images added back (same number of epochs), which the community does to use every image, at the
    price of a run nothing measures.
+   With `auto.compare_prodigy`, Prodigy trains the same budget beside it (`<output.dir>/compare-prodigy/`).
 4. `report.html` (and `auto.json`) in `<output.dir>` link the plots and say what was chosen and why.
 """
 
@@ -23,6 +24,7 @@ from difftune.config.schema import Config
 from difftune.tuning.common import constant_lr_changes, format_lr, sub_config
 
 FINAL_FOLDER = "final"
+PRODIGY_FOLDER = "compare-prodigy"
 
 
 def auto(config: Config, show_progress: bool = True, log=print) -> dict[str, Any]:
@@ -68,6 +70,9 @@ def _auto(config: Config, show_progress: bool, log) -> dict[str, Any]:
         return _finish(result, root, started, atomic_write_json)
 
     settings = config.auto
+    if settings.compare_prodigy:
+        log("== compare: Prodigy for the same budget ==")
+        result["prodigy"] = compare_prodigy(config, steps_result, show_progress, log)
     result["chosen"] = {"lr": lr, "steps": best_step,
                         **{lr_finder.LR_KEYS[role]: e["lr"] for role, e in result.get("text_encoders", {}).items()
                            if e.get("lr")}}
@@ -118,6 +123,32 @@ def sweep_text_encoders(config: Config, lr: float, result: dict[str, Any], show_
             entry["unet_to_text_encoder_ratio"] = lr / swept["lr"]
         result["text_encoders"][role] = entry
     return sub_config(config, None, train=changes)
+
+
+def compare_prodigy(config: Config, steps_result: dict[str, Any], show_progress: bool, log) -> dict[str, Any]:
+    """Prodigy as users pick it when they do not want to choose an LR, trained like find-steps' run (same
+    budget, validation cadence, seed, data and stopping rule): its best validation loss against find-lr's."""
+    from difftune.config.loading import config_to_dict
+    from difftune.errors import ConfigError
+    from difftune.optim.optimizers import PRODIGY_AS_RECOMMENDED
+    from difftune.tuning import step_finder
+
+    try:
+        prodigy_config = sub_config(
+            config, None,
+            optimizer={**dict.fromkeys(config_to_dict(config)["optimizer"]), **PRODIGY_AS_RECOMMENDED},
+            train={"text_encoder_lr": None, "text_encoder_2_lr": None, "embedding_lr": None},  # one LR: Prodigy's d
+            find_steps={"max_steps": steps_result["max_steps"], "every_n_steps": steps_result["every_n_steps"]},
+        )
+    except ConfigError as e:
+        return {"status": "skipped", "reason": f"this setup cannot train with Prodigy: {e}"}
+    run = step_finder.find_steps(prodigy_config, 1.0, show_progress=show_progress, folder=PRODIGY_FOLDER)
+    log(f"Prodigy: best validation loss {run['best_loss']} at step {run['best_step']}; "
+        f"find-lr's LR: {steps_result['best_loss']} at step {steps_result['best_step']}")
+    ours, theirs = steps_result.get("best_loss"), run.get("best_loss")
+    better_by = (theirs - ours) / ours if ours and theirs is not None else None
+    return {"status": "ok", "best_loss": theirs, "best_step": run.get("best_step"), "find_lr_better_by": better_by,
+            "result": run}
 
 
 def final_run(config: Config, lr: float, best_step: int, steps_result: dict[str, Any], show_progress: bool) -> dict[str, Any]:
@@ -192,6 +223,15 @@ def render_report(result: dict[str, Any], root: Path) -> str:
              f"validation loss within {100 * st_r.get('margin', 0):g}% of the best"),
             ("early stop", e(str(st_r.get("early_stop") or "none: trained to max_steps")), "patience / Prechelt GL_alpha"),
         ]
+    prodigy = result.get("prodigy") or {}
+    if prodigy.get("status") == "ok":
+        by = prodigy.get("find_lr_better_by")
+        rows.append(("Prodigy, same budget", f"{prodigy.get('best_loss')} at step {prodigy.get('best_step')}",
+                     "lr 1, OneTrainer's recommended settings, same seed, data, validation and stopping rule: "
+                     + ("n/a" if by is None else (f"find-lr's LR is {100 * by:.1f}% lower in validation loss" if by > 0 else
+                                                  f"Prodigy is {-100 * by:.1f}% lower in validation loss"))))
+    elif prodigy:
+        rows.append(("Prodigy, same budget", "not run", prodigy.get("reason", "")))
     final = result.get("final")
     if final:
         rows.append(("final model", final.get("model") or "n/a", f"mode: {final.get('mode')}"))
@@ -201,6 +241,8 @@ def render_report(result: dict[str, Any], root: Path) -> str:
         ("find-lr: probe loss against LR", lr_r.get("files", {}).get("plot")),
         ("find-steps: validation loss against step", st_r.get("files", {}).get("plot")),
         ("find-steps run: losses and LR", str(Path(st_r["run_dir"]) / "plots" / "loss.png") if st_r.get("run_dir") else None),
+        ("Prodigy, same budget: validation loss against step",
+         (prodigy.get("result") or {}).get("files", {}).get("plot")),
     ):
         rel = _rel(path, root)
         if rel and Path(path).is_file():
@@ -219,6 +261,9 @@ def render_report(result: dict[str, Any], root: Path) -> str:
                      + (f" (~{100 * frac:.0f}% of one configured training run)" if frac is not None else ""))
     if st_r.get("cost"):
         costs.append(f"find-steps: {st_r['cost']['steps']} steps, {st_r['cost']['seconds']:.1f}s")
+    if (prodigy.get("result") or {}).get("cost"):
+        c = prodigy["result"]["cost"]
+        costs.append(f"Prodigy comparison: {c['steps']} steps, {c['seconds']:.1f}s")
     warnings = "".join(f"<li>{e(w)}</li>" for w in result.get("warnings", []))
     status = result.get("reason") or "done"
     return f"""<!doctype html>
@@ -273,6 +318,9 @@ def format_result(result: dict[str, Any]) -> str:
     for role, entry in (result.get("text_encoders") or {}).items():
         if entry.get("lr"):
             lines.append(f"chosen: {role} lr {entry['lr']:.3g} (the UNet's is {entry['unet_to_text_encoder_ratio']:.3g}x)")
+    prodigy = result.get("prodigy") or {}
+    if prodigy.get("status") == "ok":
+        lines.append(f"Prodigy, same budget: best validation loss {prodigy['best_loss']} at step {prodigy['best_step']}")
     if result.get("final"):
         lines.append(f"final model ({result['final']['mode']}): {result['final']['model']}")
     for warning in result.get("warnings", []):

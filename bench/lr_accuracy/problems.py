@@ -294,7 +294,7 @@ PROBLEMS: dict[str, Problem] = {
             "held out (added with the headline issue): LoRA (rank 8) on the tiny base pre-trained on digits 0-6, "
             "learning coloured shapes on canvases of three aspect ratios (1:1, 2:1, 1:2) at 24 px in aspect-ratio "
             "buckets (45 train / 15 val), batch 4",
-            steps=150, grid=geometric_grid(1e-3, 2**0.5, 15), config=_bucket_lora, prepare=_prepare_bucket_lora,
+            steps=150, grid=geometric_grid(1.41e-3, 2**0.5, 9), config=_bucket_lora, prepare=_prepare_bucket_lora,
             needs="lora", find_lr={"start_lr": 1e-6, "end_lr": 1e-1},
         ),
     ]

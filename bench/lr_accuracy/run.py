@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(ROOT / "bench" / "work" / "lr_accuracy"))
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--analyse-only", action="store_true", help="no training: re-read cached runs")
+    parser.add_argument("--no-divisor-scan", action="store_true", help="check runs at the default rule's LR only, "
+                        "not at every factor of DIVISOR_SCAN (the factor is fixed; held-out problems test it)")
     parser.add_argument("--name", default="lr_accuracy", help="results file name (NAME.json / NAME.png), so a run of "
                         "some problems does not replace the report of all of them")
     args = parser.parse_args(argv)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         scan_jobs = {}
         for (name, seed, shape), sweep in sweeps.items():
             edge = _reanalysed(work, name, sweep)["default"].lr_edge if sweep is not None and shape == "log" else None
-            for divisor in DIVISOR_SCAN if edge else ():
+            for divisor in DIVISOR_SCAN if edge and not args.no_divisor_scan else ():
                 lr = float(f"{edge / divisor:.4g}")
                 scan_jobs[(name, seed, divisor)] = _submit(pool, args, constant_run, name, str(work), lr, seed,
                                                            str(work / "cache" / name / f"check-lr{lr:.4g}-s{seed}.json"))

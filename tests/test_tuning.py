@@ -324,16 +324,20 @@ def test_find_steps_reports_what_it_measured_when_training_diverges_between_vali
     assert "never improved on the untrained model" in capsys.readouterr().out
 
 
+def run_auto(data: dict, tmp_path, capsys) -> tuple[int, str, dict]:
+    """`difftune auto` on the config dict from the CLI: exit code, printed output and auto.json's result."""
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(data))
+    code = main(["auto", str(config), "--no-progress", "--json", str(tmp_path / "a.json")])
+    return code, capsys.readouterr().out, json.loads((tmp_path / "a.json").read_text())
+
+
 def test_auto_end_to_end_and_the_final_model_equals_the_best_checkpoint(digits_dir, tmp_path, capsys):
     data = quick_config_dict(
         digits_dir, tmp_path / "run", train={"max_steps": 24},
         find_lr=SWEEP, find_steps={"every_n_steps": 4}, auto={"final_run": "retrain"},
     )
-    config = tmp_path / "c.toml"
-    config.write_text(tomli_w.dumps(data))
-    code = main(["auto", str(config), "--no-progress", "--json", str(tmp_path / "a.json")])
-    out = capsys.readouterr().out
-    result = json.loads((tmp_path / "a.json").read_text())
+    code, out, result = run_auto(data, tmp_path, capsys)
     assert code == 0, out
     assert result["chosen"]["lr"] == result["find_lr"]["lr"]
     assert result["chosen"]["steps"] == result["find_steps"]["best_step"]
@@ -352,11 +356,7 @@ def test_auto_compares_with_prodigy_on_the_same_budget_when_asked(digits_dir, tm
         digits_dir, tmp_path / "run", train={"max_steps": 12, "seed": 7}, optimizer={"name": "adamw", "weight_decay": 0.05},
         find_lr=SWEEP, find_steps={"every_n_steps": 4}, auto={"compare_prodigy": True},
     )
-    config = tmp_path / "c.toml"
-    config.write_text(tomli_w.dumps(data))
-    code = main(["auto", str(config), "--no-progress", "--json", str(tmp_path / "a.json")])
-    out = capsys.readouterr().out
-    result = json.loads((tmp_path / "a.json").read_text())
+    code, out, result = run_auto(data, tmp_path, capsys)
     assert code == 0, out
     prodigy = result["prodigy"]
     # trained as users pick Prodigy (lr 1, OneTrainer's settings), not with the configured AdamW's settings
@@ -428,11 +428,7 @@ def test_auto_sweeps_the_text_encoders_lr_with_the_unets_held(digits_dir, tmp_pa
         train={"max_steps": 12, "lr": 1e-3, "text_encoder_lr": 1e-4, "train_text_encoder": True},
         find_lr=SWEEP, find_steps={"every_n_steps": 4},
     )
-    config = tmp_path / "c.toml"
-    config.write_text(tomli_w.dumps(data))
-    code = main(["auto", str(config), "--no-progress", "--json", str(tmp_path / "a.json")])
-    out = capsys.readouterr().out
-    result = json.loads((tmp_path / "a.json").read_text())
+    code, out, result = run_auto(data, tmp_path, capsys)
     assert code == 0, out
     entry = result["text_encoders"]["text_encoder"]
     swept = json.loads((tmp_path / "run" / "find-lr-text_encoder" / "find_lr.json").read_text())

@@ -35,12 +35,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.lr_accuracy.problems import PROBLEMS  # noqa: E402
-from bench.lr_accuracy.runs import _setup_process, cached, sweep_run, validated_run  # noqa: E402
+from bench.lr_accuracy.runs import _setup_process, add_common_arguments, cached, sweep_run, validated_run  # noqa: E402
 
 from difftune.optim.optimizers import PRODIGY_AS_RECOMMENDED  # noqa: E402
 
 SEEDS = (1, 2)
-PRODIGY = PRODIGY_AS_RECOMMENDED
 DADAPT = {"name": "dadapt_adam"}
 CYCLES = 2
 REPORTS = ("lr_accuracy.json", "lr_accuracy_flow.json", "lr_accuracy_more.json")
@@ -59,7 +58,7 @@ def variants(sweep: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
         # find-lr's LR again, here: the same score as the report's check run, and its time next to the others'
         "find_lr": {"train": {"lr": float(f"{sweep['lr']:.4g}")}},
-        "prodigy": {"train": {"lr": 1.0}, "optimizer": PRODIGY},
+        "prodigy": {"train": {"lr": 1.0}, "optimizer": PRODIGY_AS_RECOMMENDED},
         "dadapt_adam": {"train": {"lr": 1.0}, "optimizer": DADAPT},
         "clr_triangular": {"train": {**cyclic, "cyclic_mode": "triangular"}},
         "clr_triangular2": {"train": {**cyclic, "cyclic_mode": "triangular2"}},
@@ -101,9 +100,7 @@ def baselines(results: Path) -> dict[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", default=",".join(PROBLEMS))
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--work", default=str(ROOT / "bench" / "work" / "lr_accuracy"))
-    parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    add_common_arguments(parser, ROOT)
     args = parser.parse_args(argv)
     _setup_process()
     work, results = Path(args.work), Path(args.results)

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 from bench.lr_accuracy.problems import PROBLEMS  # noqa: E402
-from bench.lr_accuracy.runs import _setup_process, cached  # noqa: E402
+from bench.lr_accuracy.runs import _setup_process, add_common_arguments, cached  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16)
 SEEDS = (1, 2)
@@ -66,9 +66,7 @@ def fit_exponent(points: list[tuple[int, float]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--work", default=str(ROOT / "bench" / "work" / "lr_accuracy"))
-    parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    add_common_arguments(parser, ROOT)
     args = parser.parse_args(argv)
     _setup_process()
     work, results = Path(args.work), Path(args.results)

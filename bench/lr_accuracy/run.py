@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:  # `python bench/lr_accuracy/run.py` as well as `p
 
 from bench.lr_accuracy.analysis import grid_curve, plot_benchmark, reanalyse_sweep, score_lr  # noqa: E402
 from bench.lr_accuracy.problems import PROBLEMS, Problem  # noqa: E402
-from bench.lr_accuracy.runs import _setup_process, constant_run, sweep_run  # noqa: E402
+from bench.lr_accuracy.runs import _setup_process, add_common_arguments, constant_run, sweep_run  # noqa: E402
 
 SEEDS = (1, 2)
 """Seeds of the sweeps and of the check runs."""
@@ -68,9 +68,7 @@ def available(problem: Problem) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated problem names")
-    parser.add_argument("--workers", type=int, default=2, help="parallel training processes (1 thread each)")
-    parser.add_argument("--work", default=str(ROOT / "bench" / "work" / "lr_accuracy"))
-    parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    add_common_arguments(parser, ROOT)
     parser.add_argument("--analyse-only", action="store_true", help="no training: re-read cached runs")
     parser.add_argument("--no-divisor-scan", action="store_true", help="check runs at the default rule's LR only, "
                         "not at every factor of DIVISOR_SCAN (the factor is fixed; held-out problems test it)")

@@ -17,6 +17,13 @@ from pathlib import Path
 from typing import Any
 
 
+def add_common_arguments(parser, root: Path) -> None:
+    """--workers, --work and --results, the same for every script of the benchmark (they share the cache)."""
+    parser.add_argument("--workers", type=int, default=2, help="parallel training processes (1 thread each)")
+    parser.add_argument("--work", default=str(root / "bench" / "work" / "lr_accuracy"))
+    parser.add_argument("--results", default=str(root / "bench" / "results"))
+
+
 def _setup_process() -> None:
     """One thread per process: the benchmark runs several processes on a shared 2-core machine, and
     oversubscribed BLAS threads spin instead of working."""
